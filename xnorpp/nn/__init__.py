@@ -1,0 +1,44 @@
+"""Binary building blocks: sign functions with straight-through estimators, scale factors, BinaryConv2d."""
+
+from .conv import BinaryConv2d, conv_output_size
+from .scale import (
+    LEARNED_SCALES,
+    SCALES,
+    SPATIAL_SCALES,
+    LearnedScale,
+    NoScale,
+    ScaleFactor,
+    XnorScale,
+    build_scale,
+)
+from .sign import (
+    ACTIVATION_ESTIMATORS,
+    approx_sign,
+    binary_sign,
+    centre_weight,
+    get_estimator,
+    identity_sign,
+    sign_ste,
+    weight_sign,
+)
+
+__all__ = [
+    "ACTIVATION_ESTIMATORS",
+    "LEARNED_SCALES",
+    "SCALES",
+    "SPATIAL_SCALES",
+    "BinaryConv2d",
+    "LearnedScale",
+    "NoScale",
+    "ScaleFactor",
+    "XnorScale",
+    "approx_sign",
+    "binary_sign",
+    "build_scale",
+    "centre_weight",
+    "conv_output_size",
+    "get_estimator",
+    "identity_sign",
+    "sign_ste",
+    "weight_sign",
+]
