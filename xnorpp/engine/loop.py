@@ -1,0 +1,226 @@
+"""``train_one_epoch`` and ``evaluate``: top-1/top-5 in percent, per-iteration LR, AMP, non-finite checks."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..track import Progress
+from .distributed import all_reduce_sum
+
+log = logging.getLogger(__name__)
+
+__all__ = ["NonFiniteLossError", "StepState", "autocast", "evaluate", "topk_correct", "train_one_epoch"]
+
+PRECISIONS: dict[str, torch.dtype | None] = {"32": None, "bf16": torch.bfloat16, "16": torch.float16}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or Inf."""
+
+
+@dataclass
+class StepState:
+    """Where training is: epoch, global optimizer step and batches done in the current epoch."""
+
+    epoch: int = 0
+    global_step: int = 0
+    batch_in_epoch: int = 0
+    skipped_steps: int = 0
+    # running sums of the current epoch (so a mid-epoch resume reports the same epoch metrics)
+    loss_sum: Any = 0.0
+    correct: Any = 0
+    seen: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values, for checkpoints."""
+        return {
+            "epoch": self.epoch, "global_step": self.global_step, "batch_in_epoch": self.batch_in_epoch,
+            "skipped_steps": self.skipped_steps, "loss_sum": float(self.loss_sum), "correct": int(self.correct),
+            "seen": self.seen,
+        }  # fmt: skip
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepState:
+        return cls(**d)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
+    """``torch.autocast`` for ``bf16``/``16``, a null context for ``32``."""
+    if str(precision) not in PRECISIONS:
+        raise ValueError(f"unknown trainer.precision {precision!r}; valid choices: {', '.join(PRECISIONS)}")
+    dtype = PRECISIONS[str(precision)]
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def topk_correct(
+    logits: torch.Tensor, target: torch.Tensor, ks: tuple[int, ...] = (1, 5)
+) -> list[torch.Tensor]:
+    """Number of samples whose target is among the top-k logits, for each k (clipped to #classes)."""
+    maxk = min(max(ks), logits.shape[1])
+    pred = logits.topk(maxk, dim=1).indices
+    hit = pred.eq(target.view(-1, 1))
+    return [hit[:, : min(k, maxk)].any(dim=1).sum() for k in ks]
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    state: StepState,
+    *,
+    device: torch.device,
+    epochs: int,
+    precision: str = "32",
+    scaler: torch.amp.GradScaler | None = None,
+    channels_last: bool = False,
+    grad_clip: float | None = None,
+    on_nonfinite: str = "error",
+    log_every: int = 50,
+    log_fn: Callable[[dict[str, Any], int], None] | None = None,
+    after_step: Callable[[StepState], bool] | None = None,
+    progress: bool = True,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """Train for one epoch (or until ``after_step`` returns True / ``max_steps`` batches are done).
+
+    ``scheduler.step_update(global_step)`` runs before every optimizer step, so the LR is a function of
+    the global step alone (exact on resume). Returns mean loss, top-1 (percent) and images/s.
+    """
+    model.train()
+    total = len(loader) + state.batch_in_epoch
+    if max_steps is not None:
+        total = min(total, max_steps)
+    bar = Progress(total, state.epoch, epochs, every=log_every, enabled=progress)
+    if state.batch_in_epoch == 0:
+        state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+    state.loss_sum = torch.as_tensor(state.loss_sum, device=device, dtype=torch.float64)
+    state.correct = torch.as_tensor(state.correct, device=device, dtype=torch.int64)
+    seen_here = 0
+    start = time.perf_counter()
+    for images, target in loader:
+        if max_steps is not None and state.batch_in_epoch >= max_steps:
+            break
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        scheduler.step_update(state.global_step)
+        with autocast(device, precision):
+            logits = model(images)
+            loss = F.cross_entropy(logits.float(), target)
+        if not torch.isfinite(loss):
+            if on_nonfinite == "skip":
+                state.skipped_steps += 1
+                log.warning(
+                    "non-finite loss at step %d (epoch %d); step skipped", state.global_step, state.epoch
+                )
+                optimizer.zero_grad(set_to_none=True)
+                state.batch_in_epoch += 1
+                state.global_step += 1
+                continue
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at global step {state.global_step} (epoch {state.epoch}, batch "
+                f"{state.batch_in_epoch}); the last good checkpoint is kept. Lower optimizer.lr, check the "
+                "data, or set trainer.on_nonfinite=skip to skip such steps"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            if grad_clip:
+                scaler.unscale_(optimizer)
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            if grad_clip:
+                nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+            optimizer.step()
+
+        n = target.shape[0]
+        batch_correct = topk_correct(logits.detach(), target, (1,))[0]
+        state.loss_sum += loss.detach().double() * n
+        state.correct += batch_correct
+        state.seen += n
+        seen_here += n
+        state.batch_in_epoch += 1
+        state.global_step += 1
+        at_log_step = state.batch_in_epoch % max(1, log_every) == 0 or state.batch_in_epoch == total
+        if (progress or log_fn is not None) and at_log_step:
+            ips = seen_here / max(time.perf_counter() - start, 1e-9)
+            lr = optimizer.param_groups[0]["lr"]
+            top1 = 100.0 * int(batch_correct) / n
+            bar.update(state.batch_in_epoch, loss.item(), top1, lr, ips)
+            if log_fn is not None:
+                log_fn(
+                        {"train/loss": loss.item(), "train/top1_batch": top1, "train/lr": lr, "train/img_per_s": ips,
+                         "epoch": state.epoch + state.batch_in_epoch / max(total, 1)},
+                        state.global_step,
+                    )  # fmt: skip
+        if after_step is not None and after_step(state):
+            break
+    elapsed = time.perf_counter() - start
+    return {
+        "train/loss": float(state.loss_sum) / max(state.seen, 1),
+        "train/top1": 100.0 * int(state.correct) / max(state.seen, 1),
+        "train/img_per_s": seen_here / max(elapsed, 1e-9),
+        "train/images": float(state.seen),
+        "train/time_s": elapsed,
+    }
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: DataLoader,
+    *,
+    device: torch.device,
+    precision: str = "32",
+    channels_last: bool = False,
+    max_steps: int | None = None,
+) -> dict[str, float]:
+    """Loss, top-1 and top-5 (percent) over the loader, summed exactly over all ranks."""
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss*n, top1, top5, n
+    for i, (images, target) in enumerate(loader):
+        if max_steps is not None and i >= max_steps:
+            break
+        images = images.to(device, non_blocking=True)
+        target = target.to(device, non_blocking=True)
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        with autocast(device, precision):
+            logits = model(images)
+        loss = F.cross_entropy(logits.float(), target, reduction="sum")
+        c1, c5 = topk_correct(logits, target, (1, 5))
+        sums += torch.stack(
+            [
+                loss.double(),
+                c1.double(),
+                c5.double(),
+                torch.tensor(float(target.numel()), device=device, dtype=torch.float64),
+            ]
+        )
+    sums = all_reduce_sum(sums)
+    n = max(sums[3].item(), 1.0)
+    loss = sums[0].item() / n
+    return {
+        "val/loss": loss if math.isfinite(loss) else float("nan"),
+        "val/top1": 100.0 * sums[1].item() / n,
+        "val/top5": 100.0 * sums[2].item() / n,
+        "val/images": sums[3].item(),
+    }

@@ -1,0 +1,440 @@
+"""The task: build everything from the composed config, fit, evaluate, write results, return the metric.
+
+This is the only module below ``train.py`` that knows about Hydra/OmegaConf; the builders it calls
+take plain values.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import models as _models  # noqa: F401  (registers the binary ResNets with timm)
+from .data import DATASETS, build_datasets
+from .engine import StepState, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from .engine.checkpoint import (
+    CheckpointError,
+    capture_rng,
+    find_resumable,
+    load_checkpoint,
+    restore_rng,
+    rotate,
+    save_checkpoint,
+)
+from .engine.distributed import DistInfo, barrier, init_distributed
+from .engine.loaders import build_loaders
+from .models import BINARIZATIONS
+from .nn import SCALES, SPATIAL_SCALES
+from .summary import summary
+from .track import WandbTracker, write_results
+
+log = logging.getLogger("xnorpp")
+
+__all__ = ["MODEL_KEYS", "build_model", "model_args_from_cfg", "train"]
+
+MODEL_KEYS = ("name", "binarization", "scale", "num_classes", "in_chans", "input_size", "stem", "estimator")
+REQUEUE_EXIT_CODE = 124  # what the run exits with after a preemption checkpoint (see README "Preemption")
+
+
+# --------------------------------------------------------------------------------------------------- model
+def model_args_from_cfg(cfg: DictConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
+    """The plain ``timm.create_model`` arguments a config describes (stored in every checkpoint)."""
+    if cfg.binarization.name not in BINARIZATIONS:
+        raise ValueError(
+            f"unknown binarization {cfg.binarization.name!r}; valid choices: {', '.join(BINARIZATIONS)}"
+        )
+    if cfg.scale.name not in SCALES:
+        raise ValueError(f"unknown scale {cfg.scale.name!r}; valid choices: {', '.join(SCALES)}")
+    return {
+        "name": str(cfg.model.name),
+        "binarization": str(cfg.binarization.name),
+        "scale": str(cfg.scale.name),
+        "num_classes": int(num_classes),
+        "in_chans": int(in_chans),
+        "input_size": int(cfg.data.image_size),
+        "stem": str(cfg.model.stem),
+        "estimator": str(cfg.model.estimator),
+    }
+
+
+def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
+    """``timm.create_model`` from stored arguments; timm's own real models ignore the binary ones."""
+    args = dict(model_args)
+    name = args.pop("name")
+    if name.endswith("_preact_bin"):
+        return timm.create_model(name, **args)
+    if args["binarization"] != "fp":
+        log.warning(
+            "model %s is real-valued: binarization=%s and scale are ignored", name, args["binarization"]
+        )
+    return timm.create_model(name, num_classes=args["num_classes"], in_chans=args["in_chans"])
+
+
+def _check_scale_fits(model_args: dict[str, Any]) -> None:
+    """Spatial scales need an output resolution >= 1 in every stage: say so before training."""
+    if model_args["scale"] not in SPATIAL_SCALES or model_args["binarization"] == "fp":
+        return
+    min_size = 32 if model_args["stem"] == "imagenet" else 8
+    if model_args["input_size"] < min_size:
+        raise ValueError(
+            f"data.image_size={model_args['input_size']} is too small for scale={model_args['scale']} with "
+            f"stem={model_args['stem']}: the last stage would have no spatial extent; use image_size >= {min_size}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------- set-up
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _hydra_choices() -> tuple[dict[str, str], list[str], str | None]:
+    """Group choices, command-line overrides and sweep directory of the current Hydra job, if any."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return {}, [], None
+        hc = HydraConfig.get()
+        choices = {
+            k: str(v) for k, v in hc.runtime.choices.items() if v is not None and not k.startswith("hydra/")
+        }
+        sweep_dir = str(hc.sweep.dir) if str(hc.mode) == "RunMode.MULTIRUN" else None
+        return choices, list(hc.overrides.task), sweep_dir
+    except Exception:  # compose API without hydra config, or Hydra internals changed
+        return {}, [], None
+
+
+def _run_name(cfg: DictConfig) -> str:
+    return f"{cfg.binarization.name}-{cfg.scale.name}-s{cfg.seed}"
+
+
+class _Preemption:
+    """SIGTERM/SIGUSR1 set a flag; the loop saves a checkpoint after the current step and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _Preemption:
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            with contextlib.suppress(ValueError):  # not the main thread: no handlers
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signum
+        log.warning("received %s: checkpointing after the current step", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Preempted(SystemExit):
+    """Raised after a preemption checkpoint; exits with :data:`REQUEUE_EXIT_CODE`."""
+
+
+# --------------------------------------------------------------------------------------------------- train
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Run one training (or evaluation, ``train=false``) job and return its results dict."""
+    start_time = time.time()
+    out_dir = Path(cfg.output_dir)
+    dist_info, device = init_distributed(str(cfg.trainer.device))
+    primary = dist_info.primary
+    if cfg.trainer.threads:
+        torch.set_num_threads(int(cfg.trainer.threads))
+    if cfg.trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    _seed_everything(int(cfg.seed))
+
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    assert isinstance(data_cfg, dict)
+    name = data_cfg.pop("name")
+    if name not in DATASETS:
+        raise ValueError(f"unknown data {name!r}; valid choices: {', '.join(DATASETS)}")
+    loader_keys = ("batch_size", "eval_batch_size", "num_workers", "stem")
+    loader_cfg = {k: data_cfg.pop(k, None) for k in loader_keys}
+    model_args_preview = model_args_from_cfg(cfg, 10, 1)  # validates names before touching data
+    _check_scale_fits(model_args_preview)
+    try:
+        train_ds, val_ds, info = build_datasets(name, **data_cfg)
+    except (FileNotFoundError, ValueError) as e:
+        if name in ("imagefolder", "imagenet"):
+            raise type(e)(f"{e} (data.root={cfg.data.root})") from e
+        raise
+    model_args = model_args_from_cfg(cfg, info.num_classes, info.in_chans)
+
+    model = build_model(model_args)
+    model_summary = summary(model, model_args["input_size"], model_args["in_chans"])
+    model.to(device)
+    if cfg.trainer.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    train_loader, val_loader, sampler = build_loaders(
+        train_ds, val_ds, batch_size=int(loader_cfg["batch_size"]), num_workers=int(loader_cfg["num_workers"] or 0),
+        seed=int(cfg.seed), rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=device.type == "cuda",
+        eval_batch_size=loader_cfg["eval_batch_size"],
+    )  # fmt: skip
+    if len(train_loader) == 0:
+        raise ValueError(
+            f"the training set has {len(train_ds)} images, fewer than one batch of data.batch_size="
+            f"{loader_cfg['batch_size']} per process: lower data.batch_size"
+        )
+    opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
+    assert isinstance(opt_cfg, dict)
+    optimizer = build_optimizer(model, **opt_cfg)
+    epochs = int(cfg.trainer.epochs)
+    limit = cfg.trainer.limit_train_batches
+    updates_per_epoch = min(len(train_loader), int(limit)) if limit else len(train_loader)
+    sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    assert isinstance(sched_cfg, dict)
+    scheduler = build_scheduler(optimizer, epochs=epochs, updates_per_epoch=updates_per_epoch, **sched_cfg)
+    precision = str(cfg.trainer.precision)
+    if precision != "32" and device.type == "cpu":
+        log.warning("trainer.precision=%s on CPU: autocast on CPU is far slower than fp32 here", precision)
+    scaler = torch.amp.GradScaler(device.type) if precision == "16" else None
+
+    # ------------------------------------------------------------------------------------ resume
+    state = StepState()
+    best: dict[str, float] = {"best/val/top1": -1.0, "best/val/top5": -1.0, "best/epoch": -1}
+    history: list[dict[str, float]] = []
+    wandb_id: str | None = None
+    ckpt_dir = out_dir / "checkpoints"
+    resume_from: tuple[Path, dict[str, Any]] | None = None
+    if cfg.ckpt_path:
+        resume_from = (Path(cfg.ckpt_path), load_checkpoint(cfg.ckpt_path))
+    elif cfg.train:
+        resume_from = find_resumable(ckpt_dir)
+    if resume_from is not None:
+        path, ckpt = resume_from
+        _check_compatible(ckpt, model_args, path)
+        model.load_state_dict(ckpt["model"])
+        if cfg.train:
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and "scaler" in ckpt:
+                scaler.load_state_dict(ckpt["scaler"])
+            state = StepState.from_dict(ckpt["state"])
+            best = dict(ckpt.get("best", best))
+            history = list(ckpt.get("history", []))
+            wandb_id = ckpt.get("wandb_id")
+            restore_rng(ckpt["rng"])
+            log.info("resumed from %s (epoch %d, step %d)", path, state.epoch, state.global_step)
+
+    ddp_model: torch.nn.Module = model
+    if dist_info.enabled:
+        if cfg.trainer.sync_batchnorm:
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        ddp_model = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    run_model = torch.compile(ddp_model) if cfg.trainer.compile else ddp_model
+
+    # ------------------------------------------------------------------------------------ tracking
+    choices, overrides, sweep_dir = _hydra_choices()
+    wcfg = cfg.logger.wandb
+    job_type = wcfg.job_type or ("train" if cfg.train else "eval")
+    group = wcfg.group or (f"{cfg.task_name}-{Path(sweep_dir).name}" if sweep_dir else None)
+    tags = [*(f"{k}:{v}" for k, v in choices.items() if k in ("binarization", "scale", "data", "optimizer",
+            "scheduler", "model", "experiment")), *map(str, cfg.tags)]  # fmt: skip
+    if not choices:
+        tags += [f"binarization:{cfg.binarization.name}", f"scale:{cfg.scale.name}", f"data:{name}"]
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(resolved, dict)
+    tracker = WandbTracker(
+        enabled=primary, mode=str(wcfg.mode), project=str(wcfg.project), entity=wcfg.entity, group=group,
+        name=wcfg.name or _run_name(cfg), tags=tags, job_type=job_type, notes=wcfg.notes, dir=out_dir,
+        config={**resolved, "choices": choices, "overrides": overrides, "model_args": model_args,
+                "model_summary": model_summary.to_dict(), "world_size": dist_info.world_size},
+        run_id=wandb_id, init_timeout=float(wcfg.init_timeout),
+    )  # fmt: skip
+    exit_code = 1
+    try:
+        tracker.define_metrics()
+        if primary:
+            log.info("run directory: %s", out_dir.resolve())
+            log.info("model %s\n%s", model_args, model_summary.table())
+        if wcfg.log_model_summary and state.global_step == 0:
+            tracker.log_table("model/summary", model_summary.rows())
+        results = _fit_or_eval(
+            cfg, run_model, model, train_loader, val_loader, sampler, optimizer, scheduler, scaler, state, best,
+            history, device, tracker, ckpt_dir, model_args, dist_info, epochs,
+        )  # fmt: skip
+        results.update(
+            {
+                "params/binary": model_summary.params_binary,
+                "params/real": model_summary.params_real,
+                "params/total": model_summary.params_total,
+                "model/memory_mb": model_summary.memory_bytes / 2**20,
+                "model/compression": model_summary.compression,
+                "model/ops": model_summary.ops,
+                "model_args": model_args,
+                "choices": choices,
+                "overrides": overrides,
+                "run_dir": str(out_dir.resolve()),
+                "wandb_dir": tracker.run_dir,
+                "wandb_mode": tracker.status,
+                "wall_time_s": time.time() - start_time,
+                "world_size": dist_info.world_size,
+            }
+        )
+        if primary:
+            write_results(out_dir / "results.json", results)
+            tracker.summary({k: v for k, v in results.items() if isinstance(v, (int, float))})
+            log.info(
+                "done: val top-1 %.2f%% (best %.2f%% at epoch %d), %.0f s; results in %s",
+                results.get("val/top1", float("nan")), results.get("best/val/top1", float("nan")),
+                results.get("best/epoch", -1), results["wall_time_s"], out_dir / "results.json",
+            )  # fmt: skip
+            if tracker.run_dir and tracker.status == "offline":
+                log.info(
+                    "wandb offline run: %s (upload with `wandb sync %s`)", tracker.run_dir, tracker.run_dir
+                )
+        exit_code = 0
+        return results
+    finally:
+        tracker.finish(exit_code)
+        barrier()
+
+
+def _check_compatible(ckpt: dict[str, Any], model_args: dict[str, Any], path: Path) -> None:
+    stored = ckpt.get("model_args")
+    if stored is None:
+        raise CheckpointError(f"checkpoint {path} has no model_args: not written by xnorpp's trainer")
+    diff = {k: (stored.get(k), model_args.get(k)) for k in MODEL_KEYS if stored.get(k) != model_args.get(k)}
+    if diff:
+        desc = ", ".join(f"{k}: checkpoint {a!r} vs config {b!r}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"checkpoint {path} is for a different model ({desc}); pick the matching config"
+        )
+
+
+def _fit_or_eval(
+    cfg: DictConfig,
+    run_model: torch.nn.Module,
+    model: torch.nn.Module,
+    train_loader: Any,
+    val_loader: Any,
+    sampler: Any,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    scaler: Any,
+    state: StepState,
+    best: dict[str, float],
+    history: list[dict[str, float]],
+    device: torch.device,
+    tracker: WandbTracker,
+    ckpt_dir: Path,
+    model_args: dict[str, Any],
+    dist_info: DistInfo,
+    epochs: int,
+) -> dict[str, Any]:
+    tcfg = cfg.trainer
+    precision = str(tcfg.precision)
+    val_limit = int(tcfg.limit_val_batches) if tcfg.limit_val_batches else None
+    if not cfg.train:
+        metrics = evaluate(run_model, val_loader, device=device, precision=precision,
+                           channels_last=bool(tcfg.channels_last), max_steps=val_limit)  # fmt: skip
+        tracker.log(metrics)
+        return {**metrics, "epochs": 0, "ckpt_path": str(cfg.ckpt_path)}
+
+    limit = int(tcfg.limit_train_batches) if tcfg.limit_train_batches else None
+    every = int(tcfg.checkpoint.every_steps) if tcfg.checkpoint.every_steps else None
+    save = bool(tcfg.checkpoint.save) and dist_info.primary
+    config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    last_train: dict[str, float] = {}
+
+    def snapshot() -> dict[str, Any]:
+        return {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            **({"scaler": scaler.state_dict()} if scaler is not None else {}),
+            "state": state.to_dict(),
+            "best": dict(best),
+            "history": list(history),
+            "rng": capture_rng(),
+            "model_args": model_args,
+            "config_yaml": config_yaml,
+            "wandb_id": tracker.run_id,
+        }  # fmt: skip
+
+    def write(name: str) -> None:
+        if not save:
+            return
+        try:
+            save_checkpoint(snapshot(), ckpt_dir / name)
+            if name.startswith("step_"):
+                rotate(ckpt_dir, int(tcfg.checkpoint.keep_last))
+        except CheckpointError as e:
+            log.error("%s", e)
+
+    with _Preemption() as preempt:
+
+        def after_step(s: StepState) -> bool:
+            if every and s.global_step % every == 0:
+                write(f"step_{s.global_step:09d}.pt")
+            return preempt.signal is not None
+
+        while state.epoch < epochs:
+            sampler.set_epoch(state.epoch, state.batch_in_epoch * int(train_loader.batch_size))
+            train_loader.dataset.set_epoch(state.epoch)
+            last_train = train_one_epoch(
+                run_model, train_loader, optimizer, scheduler, state, device=device, epochs=epochs,
+                precision=precision, scaler=scaler, channels_last=bool(tcfg.channels_last),
+                grad_clip=tcfg.grad_clip, on_nonfinite=str(tcfg.on_nonfinite), log_every=int(tcfg.log_every),
+                log_fn=tracker.log if tracker.enabled else None, after_step=after_step,
+                progress=dist_info.primary, max_steps=limit,
+            )  # fmt: skip
+            if preempt.signal is not None:
+                write(f"step_{state.global_step:09d}.pt")
+                tracker.log({"preempted": 1}, step=state.global_step)
+                raise Preempted(REQUEUE_EXIT_CODE)
+            done = state.epoch + 1
+            state.epoch, state.batch_in_epoch = done, 0
+            epoch_row: dict[str, float] = {"epoch": done, **last_train}
+            improved = False
+            if done % int(tcfg.val_every) == 0 or done == epochs:
+                metrics = evaluate(run_model, val_loader, device=device, precision=precision,
+                                   channels_last=bool(tcfg.channels_last), max_steps=val_limit)  # fmt: skip
+                epoch_row.update(metrics)
+                improved = metrics["val/top1"] > best["best/val/top1"]
+                if improved:
+                    best.update({"best/val/top1": metrics["val/top1"], "best/val/top5": metrics["val/top5"],
+                                 "best/epoch": done})  # fmt: skip
+                if dist_info.primary:
+                    log.info("epoch %d/%d: val top-1 %.2f%% top-5 %.2f%% loss %.4f | train loss %.4f %.0f img/s",
+                             done, epochs, metrics["val/top1"], metrics["val/top5"], metrics["val/loss"],
+                             last_train["train/loss"], last_train["train/img_per_s"])  # fmt: skip
+            history.append(epoch_row)
+            tracker.log(epoch_row, step=state.global_step)
+            write("last.pt")
+            if improved:
+                write("best.pt")
+
+    final = history[-1] if history else {}
+    img_per_s = [h["train/img_per_s"] for h in history if "train/img_per_s" in h]
+    return {
+        "val/top1": final.get("val/top1"),
+        "val/top5": final.get("val/top5"),
+        "val/loss": final.get("val/loss"),
+        "train/loss": final.get("train/loss"),
+        "train/top1": final.get("train/top1"),
+        "train/img_per_s": float(np.median(img_per_s)) if img_per_s else None,
+        **best,
+        "epochs": state.epoch,
+        "global_step": state.global_step,
+        "skipped_steps": state.skipped_steps,
+        "history": history,
+        "accuracy_unit": "percent",
+    }
