@@ -1,0 +1,123 @@
+"""End-to-end runs through ``xnorpp.run.train`` with the real configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CONF
+
+from xnorpp.run import train
+
+EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_default_trains_a_short_epoch_on_bundled_data(make_cfg, tmp_path: Path) -> None:
+    out = tmp_path / "default"
+    cfg = make_cfg("trainer.epochs=1", "trainer.limit_train_batches=6", tiny=False, out=out)
+    assert cfg.logger.wandb.mode == "offline"
+    results = train(cfg)
+    saved = json.loads((out / "results.json").read_text())
+    for key in ["val/top1", "val/top5", "best/val/top1", "epochs", "train/img_per_s", "params/binary", "params/real"]:
+        assert saved[key] is not None, key
+    assert saved["epochs"] == 1 and saved["params/binary"] == 10_985_472
+    assert 0.0 <= saved["val/top1"] <= 100.0 and saved["val/top5"] >= saved["val/top1"]
+    assert results["best/val/top1"] == saved["best/val/top1"]
+    assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb")), _files(out)
+    assert saved["wandb_mode"] == "offline" and saved["wandb_dir"] == str(runs[0])
+
+
+def test_logger_none_writes_no_wandb_files(make_cfg, tmp_path: Path) -> None:
+    out = tmp_path / "nowandb"
+    train(make_cfg(out=out))
+    assert (out / "results.json").is_file()
+    assert not any("wandb" in f for f in _files(out)), _files(out)
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_every_experiment_smoke_trains(make_cfg, experiment: str, tmp_path: Path) -> None:
+    out = tmp_path / experiment
+    cfg = make_cfg(f"experiment={experiment}", out=out)
+    assert cfg.data.name == "synthetic" and cfg.trainer.limit_train_batches == 2
+    results = train(cfg)
+    assert results["epochs"] == 1 and results["global_step"] == 2
+    assert (out / "results.json").is_file()
+
+
+@pytest.mark.parametrize("binarization", ["fp", "weight_only", "full_binary", "real_downsample"])
+def test_every_binarization_trains(make_cfg, binarization: str) -> None:
+    results = train(make_cfg(f"binarization={binarization}"))
+    assert results["model_args"]["binarization"] == binarization
+    expected_binary = {"fp": 0, "weight_only": 10_985_472, "full_binary": 11_157_504, "real_downsample": 10_985_472}
+    assert results["params/binary"] == expected_binary[binarization]
+
+
+@pytest.mark.parametrize("scale", ["none", "xnor", "xnor_k", "channel", "full", "channel_spatial", "rank1"])
+def test_every_scale_trains(make_cfg, scale: str) -> None:
+    results = train(make_cfg(f"scale={scale}", "binarization=full_binary"))
+    assert results["model_args"]["scale"] == scale
+    assert results["train/loss"] > 0
+
+
+@pytest.mark.parametrize("opt", ["optimizer=adam", "optimizer=adamw", "scheduler=step", "scheduler=multistep",
+                                 "scheduler=cosine", "scheduler.warmup_epochs=1", "model=resnet34_preact",
+                                 "model=timm_resnet18", "model.estimator=approx_sign", "trainer.channels_last=true"])  # fmt: skip
+def test_other_choices_train(make_cfg, opt: str) -> None:
+    extra = ["binarization=fp"] if opt == "model=timm_resnet18" else []
+    results = train(make_cfg(opt, *extra))
+    assert results["global_step"] == 2
+
+
+def test_overfit_debug_preset_fits_one_batch(make_cfg) -> None:
+    results = train(make_cfg("debug=overfit", "binarization=fp", "trainer.epochs=25", "optimizer=adam"))
+    assert results["train/loss"] < 0.5, results["history"][-1]
+
+
+def test_evaluate_a_checkpoint(make_cfg, tmp_path: Path) -> None:
+    first = train(make_cfg(out=tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
+    results = train(make_cfg("train=false", f"ckpt_path={ckpt}", out=tmp_path / "b"))
+    assert results["epochs"] == 0
+    assert results["val/top1"] == pytest.approx(first["val/top1"])
+    assert (tmp_path / "b" / "results.json").is_file()
+
+
+def test_missing_dataset_root_names_the_path(make_cfg, tmp_path: Path) -> None:
+    missing = tmp_path / "no_such_dir"
+    with pytest.raises((FileNotFoundError, ValueError)) as err:
+        train(make_cfg("data=imagefolder", f"data.root={missing}", "data.image_size=32", "logger=none", tiny=False))
+    assert str(missing) in str(err.value)
+    assert "train" in str(err.value) and "val" in str(err.value)  # the expected layout
+
+
+def test_image_size_too_small_for_a_spatial_scale_fails_before_training(make_cfg) -> None:
+    with pytest.raises(ValueError, match="image_size=4 is too small for scale=rank1"):
+        train(make_cfg("data.image_size=4"))
+
+
+def test_bad_scale_name_lists_valid_choices(make_cfg) -> None:
+    with pytest.raises(ValueError, match="valid choices: none, xnor, xnor_k, channel, full, channel_spatial, rank1"):
+        train(make_cfg("scale.name=rank2"))
+
+
+def test_weight_decay_groups_reach_the_optimizer(make_cfg) -> None:
+    from xnorpp.engine import build_optimizer
+    from xnorpp.run import build_model, model_args_from_cfg
+
+    cfg = make_cfg()
+    model = build_model(model_args_from_cfg(cfg, 10, 3))
+    opt = build_optimizer(model, name="sgd", lr=0.1, weight_decay=1e-5)
+    groups = {g["name"]: g for g in opt.param_groups}
+    assert groups["real"]["weight_decay"] == 1e-5 and groups["binary"]["weight_decay"] == 0.0
+    n_binary = sum(p.numel() for p in groups["binary"]["params"])
+    n_scales = sum(p.numel() for n, p in model.named_parameters() if "scale_factor" in n)
+    assert n_binary == 10_985_472 + n_scales
+    assert torch.is_tensor(groups["real"]["params"][0])
