@@ -7,6 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
@@ -15,6 +16,9 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_SILENT", "true")
+# One intra-op thread: tests are many small ops, where extra threads (and a shared, busy machine)
+# cost more than they give. Benchmarks, not tests, measure speed.
+torch.set_num_threads(1)
 
 # Small, fast settings for smoke runs: synthetic 16x16 data, two steps, no wandb.
 TINY = [
@@ -28,6 +32,7 @@ TINY = [
     "trainer.limit_val_batches=1",
     "trainer.log_every=1",
     "logger=none",
+    "trainer.threads=1",
 ]
 
 

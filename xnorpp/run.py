@@ -35,7 +35,7 @@ from .engine.distributed import DistInfo, barrier, init_distributed
 from .engine.loaders import build_loaders
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
-from .summary import summary
+from .model_summary import summary
 from .track import WandbTracker, write_results
 
 log = logging.getLogger("xnorpp")
