@@ -1,0 +1,174 @@
+"""Reliability: exact resume after SIGKILL, preemption by SIGTERM, checkpoint safety, clear errors."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT
+
+from xnorpp.engine.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
+from xnorpp.run import REQUEUE_EXIT_CODE, train
+
+# Real bundled data with augmentation on, so data order and augmentation randomness are both exercised.
+ARGS = [
+    "data.batch_size=16", "data.eval_batch_size=100", "trainer.limit_train_batches=8",
+    "trainer.limit_val_batches=2", "trainer.epochs=2", "trainer.checkpoint.every_steps=3",
+    "trainer.log_every=100", "trainer.threads=1", "logger=none",
+]  # fmt: skip
+
+
+def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "train.py", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
+    p = _start(run_dir, *extra)
+    out, _ = p.communicate(timeout=600)
+    return subprocess.CompletedProcess(p.args, p.returncode, out, "")
+
+
+def _wait_for(path: Path, proc: subprocess.Popen, timeout: float = 300) -> None:
+    end = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"run ended before {path.name} appeared:\n{proc.stdout.read()}"
+        assert time.time() < end, f"{path} did not appear in {timeout} s"
+        time.sleep(0.02)
+
+
+def _final(run_dir: Path) -> tuple[dict, dict]:
+    results = json.loads((run_dir / "results.json").read_text())
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    return results, state
+
+
+def _assert_identical(a_dir: Path, b_dir: Path) -> None:
+    (ra, sa), (rb, sb) = _final(a_dir), _final(b_dir)
+    for key in ["val/top1", "val/top5", "val/loss", "train/loss", "train/top1", "best/val/top1", "global_step"]:
+        assert ra[key] == rb[key], (key, ra[key], rb[key])
+    assert [h["val/loss"] for h in ra["history"]] == [h["val/loss"] for h in rb["history"]]
+    for key, value in sa["model"].items():
+        assert torch.equal(value, sb["model"][key]), key
+    for ga, gb in zip(sa["optimizer"]["state"].values(), sb["optimizer"]["state"].values()):
+        assert all(torch.equal(ga[k], gb[k]) for k in ga)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("uninterrupted")
+    done = _run(run_dir)
+    assert done.returncode == 0, done.stdout
+    return run_dir
+
+
+def test_sigkill_then_rerun_resumes_exactly(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "killed"
+    proc = _start(run_dir)
+    _wait_for(run_dir / "checkpoints" / "step_000000003.pt", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (run_dir / "results.json").exists()
+    again = _run(run_dir)  # the identical command, as a SLURM requeue would run it
+    assert again.returncode == 0, again.stdout
+    assert "resumed from" in again.stdout
+    _assert_identical(reference, run_dir)
+
+
+def test_sigterm_checkpoints_after_the_step_and_asks_for_requeue(reference: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "preempted"
+    proc = _start(run_dir)
+    _wait_for(run_dir / "checkpoints" / "step_000000003.pt", proc)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out
+    assert "SIGTERM" in out
+    newest = find_resumable(run_dir / "checkpoints")
+    assert newest is not None and newest[1]["state"]["global_step"] >= 3
+    again = _run(run_dir)
+    assert again.returncode == 0, again.stdout
+    _assert_identical(reference, run_dir)
+
+
+def test_ckpt_path_resumes_from_a_given_file(make_cfg, tmp_path: Path) -> None:
+    first = train(make_cfg("trainer.checkpoint.every_steps=1", out=tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "step_000000001.pt"
+    resumed = train(make_cfg(f"ckpt_path={ckpt}", out=tmp_path / "b"))
+    assert resumed["global_step"] == first["global_step"] == 2
+    assert resumed["val/loss"] == first["val/loss"]
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
+    old = save_checkpoint({"model": {"w": torch.ones(3)}, "tag": "old"}, tmp_path / "step_000000001.pt")
+    new = save_checkpoint({"model": {"w": torch.zeros(3)}, "tag": "new"}, tmp_path / "step_000000002.pt")
+    new.write_bytes(new.read_bytes()[: new.stat().st_size // 2])  # truncated, as by a crash mid-copy
+    with pytest.warns(UserWarning, match="unreadable or corrupt"):
+        found = find_resumable(tmp_path)
+    assert found is not None and found[0] == old and found[1]["tag"] == "old"
+
+
+def test_checkpoints_load_with_weights_only_and_refuse_pickled_objects(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "payload": Path("/etc/passwd")}, path)  # an arbitrary python object
+    with pytest.raises(CheckpointError, match="unreadable or corrupt"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(CheckpointError, match="disk is full"):
+        save_checkpoint({"model": {"w": torch.zeros(2)}}, target)
+    monkeypatch.undo()
+    assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(2))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+def test_checkpoint_of_another_variant_is_refused(make_cfg, tmp_path: Path) -> None:
+    train(make_cfg(out=tmp_path / "a"))
+    ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
+    with pytest.raises(CheckpointError, match="binarization: checkpoint 'real_downsample' vs config 'full_binary'"):
+        train(make_cfg("binarization=full_binary", f"ckpt_path={ckpt}", out=tmp_path / "b"))
+
+
+def test_non_finite_loss_stops_with_the_step_or_is_skipped(make_cfg, tmp_path: Path) -> None:
+    from xnorpp.engine import NonFiniteLossError
+
+    blow_up = ["binarization=fp", "optimizer.lr=1e30", "trainer.limit_train_batches=4", "trainer.checkpoint.every_steps=1"]
+    with pytest.raises(NonFiniteLossError, match="at global step"):
+        train(make_cfg(*blow_up, out=tmp_path / "a"))
+    assert (tmp_path / "a" / "checkpoints" / "step_000000001.pt").is_file()  # the last good one is kept
+    results = train(make_cfg(*blow_up, "trainer.on_nonfinite=skip", out=tmp_path / "b"))
+    assert results["skipped_steps"] >= 1
+
+
+def test_wandb_online_without_a_key_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from xnorpp.track import WandbTracker
+
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no_netrc"))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    start = time.time()
+    tracker = WandbTracker(mode="online", dir=tmp_path, config={"a": 1}, init_timeout=10)
+    try:
+        assert tracker.status == "offline" and tracker.enabled
+        tracker.log({"x": 1.0}, step=1)
+    finally:
+        tracker.finish()
+    assert time.time() - start < 60
+    assert list((tmp_path / "wandb").glob("offline-run-*"))
