@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import random
 import signal
 import time
@@ -33,9 +34,9 @@ from .engine.checkpoint import (
 )
 from .engine.distributed import DistInfo, barrier, init_distributed
 from .engine.loaders import build_loaders
+from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
-from .model_summary import summary
 from .track import WandbTracker, write_results
 
 log = logging.getLogger("xnorpp")
@@ -116,6 +117,23 @@ def _hydra_choices() -> tuple[dict[str, str], list[str], str | None]:
         return {}, [], None
 
 
+def _launcher_threads() -> int | None:
+    """Threads per job when Hydra's joblib launcher runs ``n_jobs`` jobs side by side on this machine."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        launcher = HydraConfig.get().launcher
+        if "Joblib" not in str(launcher.get("_target_", "")):
+            return None
+        n_jobs = int(launcher.get("n_jobs") or -1)
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        return max(1, cores // (cores if n_jobs < 1 else min(n_jobs, cores)))
+    except Exception:
+        return None
+
+
 def _run_name(cfg: DictConfig) -> str:
     return f"{cfg.binarization.name}-{cfg.scale.name}-s{cfg.seed}"
 
@@ -153,8 +171,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     dist_info, device = init_distributed(str(cfg.trainer.device))
     primary = dist_info.primary
-    if cfg.trainer.threads:
-        torch.set_num_threads(int(cfg.trainer.threads))
+    threads = cfg.trainer.threads or _launcher_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
     _seed_everything(int(cfg.seed))
