@@ -33,6 +33,7 @@ from .engine.checkpoint import (
     save_checkpoint,
 )
 from .engine.distributed import DistInfo, barrier, init_distributed
+from .engine.health import BinarizationHealth
 from .engine.loaders import build_loaders
 from .model_summary import summary
 from .models import BINARIZATIONS
@@ -398,6 +399,10 @@ def _fit_or_eval(
         except CheckpointError as e:
             log.error("%s", e)
 
+    health_every = int(tcfg.health_every or 0)
+    health = BinarizationHealth(model, health_every) if health_every > 0 and tracker.enabled else None
+    histograms = tracker.histogram if tracker.enabled else None
+
     with _Preemption() as preempt:
 
         def after_step(s: StepState) -> bool:
@@ -413,7 +418,7 @@ def _fit_or_eval(
                 precision=precision, scaler=scaler, channels_last=bool(tcfg.channels_last),
                 grad_clip=tcfg.grad_clip, on_nonfinite=str(tcfg.on_nonfinite), log_every=int(tcfg.log_every),
                 log_fn=tracker.log if tracker.enabled else None, after_step=after_step,
-                progress=dist_info.primary, max_steps=limit,
+                progress=dist_info.primary, max_steps=limit, health=health, histograms=histograms,
             )  # fmt: skip
             if preempt.signal is not None:
                 write(f"step_{state.global_step:09d}.pt")

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 
 from ..track import Progress
 from .distributed import all_reduce_sum
+from .health import BinarizationHealth
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ def train_one_epoch(
     after_step: Callable[[StepState], bool] | None = None,
     progress: bool = True,
     max_steps: int | None = None,
+    health: BinarizationHealth | None = None,
+    histograms: Callable[[torch.Tensor], Any] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch (or until ``after_step`` returns True / ``max_steps`` batches are done).
 
@@ -119,6 +122,9 @@ def train_one_epoch(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         scheduler.step_update(state.global_step)
+        measure = health is not None and log_fn is not None and health.due(state.global_step)
+        if measure:
+            health.capture = True
         with autocast(device, precision):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), target)
@@ -151,6 +157,9 @@ def train_one_epoch(
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
 
+        if measure:
+            health.capture = False
+            log_fn(health.compute(histograms), state.global_step + 1)
         n = target.shape[0]
         batch_correct = topk_correct(logits.detach(), target, (1,))[0]
         state.loss_sum += loss.detach().double() * n
