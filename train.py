@@ -5,16 +5,46 @@ Examples::
     python train.py                                        # the original's model on bundled MNIST, CPU
     python train.py binarization=full_binary scale=channel optimizer=adam scheduler=step
     python train.py experiment=seed_resnet18_imagenet data.root=/data/imagenet
-    python train.py -m +sweep=binarization                 # ablation sweep
+    python train.py +sweep=binarization                    # ablation sweep (multirun)
     python train.py train=false ckpt_path=RUN/checkpoints/best.pt   # evaluate a checkpoint
+    torchrun --standalone --nproc_per_node=8 train.py experiment=seed_resnet18_imagenet data.batch_size=32
 
 Returns ``best/val/top1`` (percent) so Hydra sweepers can optimise it.
 """
 
 from __future__ import annotations
 
+import os
+import sys
+
 import hydra
 from omegaconf import DictConfig
+
+
+def _share_run_dir_across_ranks(argv: list[str]) -> list[str]:
+    """Under torchrun, make every rank use rank 0's run directory (timestamps may differ by a second).
+
+    Joins the process group early (gloo on CPU, plus NCCL for CUDA tensors when available), broadcasts
+    rank 0's timestamp, and keeps Hydra's files and log to rank 0.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or any(a.startswith(("-m", "--multirun", "--cfg", "--help", "-h")) for a in argv):
+        return argv
+    import time
+
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo")
+    stamp = [time.strftime("%Y-%m-%d_%H-%M-%S")]
+    dist.broadcast_object_list(stamp, src=0)
+    extra = []
+    if not any(a.startswith("hydra.run.dir=") for a in argv):
+        extra.append(f"hydra.run.dir=outputs/${{task_name}}/{stamp[0]}")
+    if dist.get_rank() > 0:
+        extra += ["hydra.output_subdir=null", "hydra/job_logging=disabled"]
+    return argv + extra
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
@@ -27,4 +57,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    sys.argv = [sys.argv[0], *_share_run_dir_across_ranks(sys.argv[1:])]
     main()

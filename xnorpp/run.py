@@ -254,8 +254,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     ddp_model: torch.nn.Module = model
     if dist_info.enabled:
-        if cfg.trainer.sync_batchnorm:
+        if cfg.trainer.sync_batchnorm and device.type == "cuda":
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif cfg.trainer.sync_batchnorm:
+            log.warning(
+                "trainer.sync_batchnorm needs CUDA (torch's SyncBatchNorm); BatchNorm stays per process"
+            )
         ddp_model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
@@ -452,6 +456,7 @@ def _fit_or_eval(
         "val/top1": final.get("val/top1"),
         "val/top5": final.get("val/top5"),
         "val/loss": final.get("val/loss"),
+        "val/images": final.get("val/images"),
         "train/loss": final.get("train/loss"),
         "train/top1": final.get("train/top1"),
         "train/img_per_s": float(np.median(img_per_s)) if img_per_s else None,

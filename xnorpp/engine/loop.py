@@ -183,11 +183,16 @@ def train_one_epoch(
         if after_step is not None and after_step(state):
             break
     elapsed = time.perf_counter() - start
+    totals = all_reduce_sum(
+        torch.stack([state.loss_sum.double(), state.correct.double(), torch.tensor(float(state.seen), device=device),
+                     torch.tensor(float(seen_here) / max(elapsed, 1e-9), device=device)])
+    )  # fmt: skip
+    seen_all = max(totals[2].item(), 1.0)
     return {
-        "train/loss": float(state.loss_sum) / max(state.seen, 1),
-        "train/top1": 100.0 * int(state.correct) / max(state.seen, 1),
-        "train/img_per_s": seen_here / max(elapsed, 1e-9),
-        "train/images": float(state.seen),
+        "train/loss": totals[0].item() / seen_all,
+        "train/top1": 100.0 * totals[1].item() / seen_all,
+        "train/img_per_s": totals[3].item(),  # summed over ranks
+        "train/images": totals[2].item(),
         "train/time_s": elapsed,
     }
 
