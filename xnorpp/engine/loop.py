@@ -175,11 +175,16 @@ def train_one_epoch(
             top1 = 100.0 * int(batch_correct) / n
             bar.update(state.batch_in_epoch, loss.item(), top1, lr, ips)
             if log_fn is not None:
+                metrics = {
+                    "train/loss": loss.item(),
+                    "train/top1_batch": top1,
+                    "train/lr": lr,
+                    "train/img_per_s": ips,
+                }
                 log_fn(
-                        {"train/loss": loss.item(), "train/top1_batch": top1, "train/lr": lr, "train/img_per_s": ips,
-                         "epoch": state.epoch + state.batch_in_epoch / max(total, 1)},
-                        state.global_step,
-                    )  # fmt: skip
+                    {**metrics, "epoch": state.epoch + state.batch_in_epoch / max(total, 1)},
+                    state.global_step,
+                )
         if after_step is not None and after_step(state):
             break
     elapsed = time.perf_counter() - start
