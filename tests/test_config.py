@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import CONF, ROOT, compose_cfg
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
@@ -15,9 +16,18 @@ from xnorpp.engine import OPTIMIZERS, SCHEDULERS
 from xnorpp.models import BINARIZATIONS
 from xnorpp.nn import SCALES
 
-from conftest import CONF, ROOT, compose_cfg
-
-GROUPS = ["model", "binarization", "scale", "data", "optimizer", "scheduler", "trainer", "logger", "experiment", "debug"]
+GROUPS = [
+    "model",
+    "binarization",
+    "scale",
+    "data",
+    "optimizer",
+    "scheduler",
+    "trainer",
+    "logger",
+    "experiment",
+    "debug",
+]
 
 
 def _options(group: str) -> list[str]:
@@ -66,7 +76,9 @@ def test_seed_experiment_matches_the_original_recipe(tmp_path: Path) -> None:
     assert cfg.optimizer.name == "sgd" and cfg.optimizer.lr == 0.1 and cfg.optimizer.momentum == 0.9
     assert cfg.optimizer.nesterov is False and cfg.optimizer.weight_decay == 1e-5
     assert cfg.optimizer.binary_weight_decay == 0.0
-    assert cfg.scheduler.name == "cosine_restarts" and cfg.scheduler.t0_epochs == 1 and cfg.scheduler.t_mult == 2
+    assert (
+        cfg.scheduler.name == "cosine_restarts" and cfg.scheduler.t0_epochs == 1 and cfg.scheduler.t_mult == 2
+    )
     assert cfg.trainer.epochs == 63 and cfg.data.batch_size == 256 and cfg.data.image_size == 224
     assert cfg.binarization.name == "real_downsample" and cfg.scale.name == "rank1"
     assert cfg.model.stem == "imagenet"

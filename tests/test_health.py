@@ -34,12 +34,21 @@ def test_flip_frozen_and_scale_match_hand_counts() -> None:
     assert metrics["health/layer1.0.conv1/flip"] == float(((c >= 0) != before).float().mean())
     assert metrics["health/layer1.0.conv1/flip"] > 0.9
     assert metrics["health/layer1.0.conv1/frozen"] == float((c.abs() > 1).float().mean()) > 0
-    assert metrics["health/layer1.0.conv1/scale_mean"] == 2.0 and metrics["health/layer1.0.conv1/scale_std"] == 0.0
+    assert (
+        metrics["health/layer1.0.conv1/scale_mean"] == 2.0
+        and metrics["health/layer1.0.conv1/scale_std"] == 0.0
+    )
     again = health.compute()  # nothing changed since: no flips
     assert again["health/layer1.0.conv1/flip"] == 0.0
     n_layers = len([1 for k in metrics if k.endswith("/flip") and k != "health/flip"])
     assert n_layers == 19  # 16 block convs + 3 binary downsample convs
-    assert abs(metrics["health/flip"] - sum(v for k, v in metrics.items() if k.endswith("/flip") and k != "health/flip") / 19) < 1e-9
+    assert (
+        abs(
+            metrics["health/flip"]
+            - sum(v for k, v in metrics.items() if k.endswith("/flip") and k != "health/flip") / 19
+        )
+        < 1e-9
+    )
 
 
 def test_activation_window_fraction_is_captured_only_when_asked() -> None:

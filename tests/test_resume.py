@@ -29,7 +29,9 @@ ARGS = [
 def _start(run_dir: Path, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "train.py", *ARGS, *extra, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _run(run_dir: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -54,7 +56,15 @@ def _final(run_dir: Path) -> tuple[dict, dict]:
 
 def _assert_identical(a_dir: Path, b_dir: Path) -> None:
     (ra, sa), (rb, sb) = _final(a_dir), _final(b_dir)
-    for key in ["val/top1", "val/top5", "val/loss", "train/loss", "train/top1", "best/val/top1", "global_step"]:
+    for key in [
+        "val/top1",
+        "val/top5",
+        "val/loss",
+        "train/loss",
+        "train/top1",
+        "best/val/top1",
+        "global_step",
+    ]:
         assert ra[key] == rb[key], (key, ra[key], rb[key])
     assert [h["val/loss"] for h in ra["history"]] == [h["val/loss"] for h in rb["history"]]
     for key, value in sa["model"].items():
@@ -142,14 +152,21 @@ def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: 
 def test_checkpoint_of_another_variant_is_refused(make_cfg, tmp_path: Path) -> None:
     train(make_cfg(out=tmp_path / "a"))
     ckpt = tmp_path / "a" / "checkpoints" / "last.pt"
-    with pytest.raises(CheckpointError, match="binarization: checkpoint 'real_downsample' vs config 'full_binary'"):
+    with pytest.raises(
+        CheckpointError, match="binarization: checkpoint 'real_downsample' vs config 'full_binary'"
+    ):
         train(make_cfg("binarization=full_binary", f"ckpt_path={ckpt}", out=tmp_path / "b"))
 
 
 def test_non_finite_loss_stops_with_the_step_or_is_skipped(make_cfg, tmp_path: Path) -> None:
     from xnorpp.engine import NonFiniteLossError
 
-    blow_up = ["binarization=fp", "optimizer.lr=1e30", "trainer.limit_train_batches=4", "trainer.checkpoint.every_steps=1"]
+    blow_up = [
+        "binarization=fp",
+        "optimizer.lr=1e30",
+        "trainer.limit_train_batches=4",
+        "trainer.checkpoint.every_steps=1",
+    ]
     with pytest.raises(NonFiniteLossError, match="at global step"):
         train(make_cfg(*blow_up, out=tmp_path / "a"))
     assert (tmp_path / "a" / "checkpoints" / "step_000000001.pt").is_file()  # the last good one is kept
@@ -157,7 +174,9 @@ def test_non_finite_loss_stops_with_the_step_or_is_skipped(make_cfg, tmp_path: P
     assert results["skipped_steps"] >= 1
 
 
-def test_wandb_online_without_a_key_falls_back_to_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_wandb_online_without_a_key_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from xnorpp.track import WandbTracker
 
     monkeypatch.delenv("WANDB_API_KEY", raising=False)

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import xnorpp
-from xnorpp.nn import BinaryConv2d
 from xnorpp.model_summary import LayerSummary, ModelSummary, main, summary
+from xnorpp.nn import BinaryConv2d
 
 
 @pytest.fixture(autouse=True, scope="module")

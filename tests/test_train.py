@@ -24,7 +24,15 @@ def test_default_trains_a_short_epoch_on_bundled_data(make_cfg, tmp_path: Path) 
     assert cfg.logger.wandb.mode == "offline"
     results = train(cfg)
     saved = json.loads((out / "results.json").read_text())
-    for key in ["val/top1", "val/top5", "best/val/top1", "epochs", "train/img_per_s", "params/binary", "params/real"]:
+    for key in [
+        "val/top1",
+        "val/top5",
+        "best/val/top1",
+        "epochs",
+        "train/img_per_s",
+        "params/binary",
+        "params/real",
+    ]:
         assert saved[key] is not None, key
     assert saved["epochs"] == 1 and saved["params/binary"] == 10_985_472
     assert 0.0 <= saved["val/top1"] <= 100.0 and saved["val/top5"] >= saved["val/top1"]
@@ -56,7 +64,12 @@ def test_every_experiment_smoke_trains(make_cfg, experiment: str, tmp_path: Path
 def test_every_binarization_trains(make_cfg, binarization: str) -> None:
     results = train(make_cfg(f"binarization={binarization}"))
     assert results["model_args"]["binarization"] == binarization
-    expected_binary = {"fp": 0, "weight_only": 10_985_472, "full_binary": 11_157_504, "real_downsample": 10_985_472}
+    expected_binary = {
+        "fp": 0,
+        "weight_only": 10_985_472,
+        "full_binary": 11_157_504,
+        "real_downsample": 10_985_472,
+    }
     assert results["params/binary"] == expected_binary[binarization]
 
 
@@ -93,7 +106,11 @@ def test_evaluate_a_checkpoint(make_cfg, tmp_path: Path) -> None:
 def test_missing_dataset_root_names_the_path(make_cfg, tmp_path: Path) -> None:
     missing = tmp_path / "no_such_dir"
     with pytest.raises((FileNotFoundError, ValueError)) as err:
-        train(make_cfg("data=imagefolder", f"data.root={missing}", "data.image_size=32", "logger=none", tiny=False))
+        train(
+            make_cfg(
+                "data=imagefolder", f"data.root={missing}", "data.image_size=32", "logger=none", tiny=False
+            )
+        )
     assert str(missing) in str(err.value)
     assert "train" in str(err.value) and "val" in str(err.value)  # the expected layout
 
@@ -104,7 +121,9 @@ def test_image_size_too_small_for_a_spatial_scale_fails_before_training(make_cfg
 
 
 def test_bad_scale_name_lists_valid_choices(make_cfg) -> None:
-    with pytest.raises(ValueError, match="valid choices: none, xnor, xnor_k, channel, full, channel_spatial, rank1"):
+    with pytest.raises(
+        ValueError, match="valid choices: none, xnor, xnor_k, channel, full, channel_spatial, rank1"
+    ):
         train(make_cfg("scale.name=rank2"))
 
 

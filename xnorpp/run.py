@@ -140,14 +140,15 @@ def _run_name(cfg: DictConfig) -> str:
 
 
 class _Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the loop saves a checkpoint after the current step and exits."""
+    """SIGTERM/SIGUSR1/SIGUSR2 set a flag; the loop saves a checkpoint after the current step and exits
+    through the handler it replaced, if any (submitit's USR2 handler then requeues the job)."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> _Preemption:
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
             with contextlib.suppress(ValueError):  # not the main thread: no handlers
                 self._old[sig] = signal.signal(sig, self._handle)
         return self
@@ -155,6 +156,12 @@ class _Preemption:
     def _handle(self, signum: int, frame: Any) -> None:
         self.signal = signum
         log.warning("received %s: checkpointing after the current step", signal.Signals(signum).name)
+
+    def hand_over(self) -> None:
+        """Run the Python handler ours replaced for the received signal (submitit's requeue), if any."""
+        old = self._old.get(self.signal) if self.signal is not None else None
+        if callable(old):
+            old(self.signal, None)
 
     def __exit__(self, *exc: Any) -> None:
         for sig, old in self._old.items():
@@ -427,6 +434,7 @@ def _fit_or_eval(
             if preempt.signal is not None:
                 write(f"step_{state.global_step:09d}.pt")
                 tracker.log({"preempted": 1}, step=state.global_step)
+                preempt.hand_over()  # under submitit: requeue (exits); otherwise fall through
                 raise Preempted(REQUEUE_EXIT_CODE)
             done = state.epoch + 1
             state.epoch, state.batch_in_epoch = done, 0
