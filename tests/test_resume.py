@@ -191,3 +191,21 @@ def test_wandb_online_without_a_key_falls_back_to_offline(
         tracker.finish()
     assert time.time() - start < 60
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_wandb_key_without_a_reachable_server_falls_back_to_offline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from xnorpp.track import WandbTracker
+
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    start = time.time()
+    tracker = WandbTracker(mode="online", dir=tmp_path, init_timeout=5)
+    try:
+        assert tracker.status == "offline" and tracker.enabled
+        tracker.log({"x": 1.0}, step=1)
+    finally:
+        tracker.finish()
+    assert time.time() - start < 60  # bounded by init_timeout, not wandb's ~100 s of retries
