@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
+from .fused import can_fuse, fused_binary_conv_forward
 from .scale import SPATIAL_SCALES, build_scale, check_scale
 from .sign import get_estimator, weight_sign
 
@@ -91,6 +92,8 @@ class BinaryConv2d(nn.Conv2d):
         if self.binarize_weights:
             with torch.no_grad():
                 self.weight.uniform_(0.0, 1e-3)
+        # sign -> conv -> Gamma in one autograd node saving bits (xnorpp.nn.fused); False: unfused path
+        self.fused: bool = can_fuse(self)
 
     @property
     def is_binary(self) -> bool:
@@ -110,6 +113,8 @@ class BinaryConv2d(nn.Conv2d):
         return self.weight
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return fused_binary_conv_forward(self, x)
         xb = self._sign(x) if self.binarize_inputs else x
         w = self.binary_weight()
         if self.scale == "none":
