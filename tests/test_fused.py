@@ -191,6 +191,20 @@ def test_fused_wrong_resolution_raises_the_scale_error() -> None:
         conv(torch.randn(1, 8, 7, 7))
 
 
+@pytest.mark.parametrize("binarize_weights", [True, False])
+def test_backward_twice_with_retain_graph_accumulates_equal_gradients(binarize_weights: bool) -> None:
+    grads = []
+    for fused in (True, False):
+        conv = make_conv(scale="rank1", padding=1, binarize_weights=binarize_weights)
+        set_fused(conv, fused)
+        out = conv(make_input((2, 8, H, H)))
+        out.sum().backward(retain_graph=True)
+        out.square().sum().backward()
+        grads.append([p.grad for p in conv.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 def test_gradient_only_for_what_requires_it() -> None:
     conv = make_conv(scale="rank1", padding=1)
     conv.weight.requires_grad_(False)

@@ -143,7 +143,8 @@ class BinaryInputConv2dFn(torch.autograd.Function):
         if gamma is not None:
             buf = None
             if need_g:  # dGamma = sum over the broadcast dims of grad * y
-                buf = saved_y.to(grad.dtype).mul_(grad)
+                exact = saved_y.dtype == torch.int16  # else saved_y is y itself: keep it intact
+                buf = saved_y.to(grad.dtype).mul_(grad) if exact else grad * saved_y
                 grad_gamma = buf.sum_to_size(gamma.shape).to(gamma.dtype)
             grad = torch.mul(grad, gamma.to(grad.dtype), out=buf)  # reuse the product's buffer
         grad_x = grad_w = grad_b = None
