@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -16,15 +15,6 @@ from xnorpp.nn import SCALES, BinaryConv2d
 
 BLOCK_CONV = re.compile(r"^layer[1-4]\.\d+\.conv[12]$")
 DOWNSAMPLE_CONV = re.compile(r"^layer[2-4]\.0\.downsample\.1$")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread avoids OpenMP contention on a small shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 NARROW = (8, 16, 32, 64)  # stage widths of the fast test models; the layout is width-independent

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 
 import pytest
 import timm
@@ -13,15 +12,6 @@ from torch import nn
 import xnorpp
 from xnorpp.model_summary import LayerSummary, ModelSummary, main, summary
 from xnorpp.nn import BinaryConv2d
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Small tensors: one intra-op thread avoids OpenMP contention on a small shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _block_conv_weights(blocks: tuple[int, ...], widths: tuple[int, ...] = (64, 128, 256, 512)) -> int:
