@@ -83,14 +83,14 @@ def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
 
 
 def _check_scale_fits(model_args: dict[str, Any]) -> None:
-    """Spatial scales need an output resolution >= 1 in every stage: say so before training."""
+    """Spatial scales only make sense when the stages keep a spatial extent: say so before training."""
     if model_args["scale"] not in SPATIAL_SCALES or model_args["binarization"] == "fp":
         return
     min_size = 32 if model_args["stem"] == "imagenet" else 8
     if model_args["input_size"] < min_size:
         raise ValueError(
             f"data.image_size={model_args['input_size']} is too small for scale={model_args['scale']} with "
-            f"stem={model_args['stem']}: the last stage would have no spatial extent; use image_size >= {min_size}"
+            f"stem={model_args['stem']}: below {min_size} px every stage after the first is 1x1, where a spatial Gamma is just a per-channel one; use image_size >= {min_size} or scale=channel"
         )
 
 
