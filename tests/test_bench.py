@@ -21,6 +21,7 @@ def test_bench_main_in_process_writes_json_with_expected_keys(tmp_path: Path, ca
     assert "| xnorpp |" in capsys.readouterr().out
     written = json.loads(path.read_text())
     assert written["results"][0]["settings"]["batch_size"] == 4
+    assert written["results"][0]["configs"]["xnorpp"]["live_peak_mb"] is None  # NaN is not JSON
     (result,) = out["results"]
     assert set(result["configs"]) == {"floor", "xnorpp", "naive"}
     for c in result["configs"].values():

@@ -13,26 +13,30 @@
 - ``unfused`` (opt-in via ``--configs``): the library with ``fused = False`` (bool STE mask + fp32
   ``+-1`` conv input + fp32 ``y`` saved).
 
-Measurements (each run builds its model in a fresh process; runs of the configurations are interleaved
-within each of ``--repeats`` rounds, alternating the order; numbers are medians over the rounds):
+Measurements. Each of ``--repeats`` rounds starts one worker process per configuration (forked from a
+``forkserver`` that has imported torch); the workers build their models, then take training steps in
+turn (floor, xnorpp, naive, floor, ...; the order alternates between rounds), so that steps compared
+with each other run seconds apart, under the same load of a shared machine. Numbers are medians over
+the rounds; ratios ``X / floor`` and ``X / naive`` are medians of per-pair ratios.
 
-- img/s: ``batch / median step time`` over ``--steps`` timed steps after ``--warmup`` steps;
+- img/s: ``batch / median step time`` over ``--steps`` timed steps after ``--warmup`` steps; its ratios
+  are medians over the pairs of timed steps taken back to back;
 - peak RSS MB (CPU): ``ru_maxrss`` after the timed steps minus the resident set (``/proc/self/statm``)
   just before the first step, model, optimizer and batch already built. ``ru_maxrss`` is a per-process
-  high-water mark, hence one process per run; the processes are forked from a ``forkserver`` that has
-  imported torch. With glibc's default ``malloc`` this includes freed heap memory that is not handed
-  back to the OS (fragmentation), which depends on the allocation pattern as much as on the model;
-- live peak MB (CPU, Linux/glibc, first round, worker processes only): after the timed steps, glibc
-  is told to serve every block of 1 MiB or more with its own ``mmap`` (``mallopt(M_MMAP_THRESHOLD)``)
-  and to return free memory (``malloc_trim``), the high-water mark is reset
-  (``/proc/self/clear_refs``), and one more step is measured the same way: the peak of the memory
-  actually allocated during a step;
-- on CUDA both peaks are ``max_memory_allocated`` minus ``memory_allocated`` before the first step;
-- saved MB (first round, during that same extra step): bytes of the tensors autograd saves in one
-  training forward (``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters and
-  buffers excluded): exact and deterministic, a companion of the noisy peaks;
-- ratios ``X / floor`` and ``X / naive``: medians over the rounds of the per-round ratios (the runs of a
-  round are back to back, so the machine's load affects both sides of a ratio alike).
+  high-water mark, hence one process per run. With glibc's default ``malloc`` it includes freed heap
+  memory that is not handed back to the OS (fragmentation), which depends on the allocation pattern
+  as much as on the model. On CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before;
+- live peak MB and saved MB come from a separate memory pass, one process per configuration, whose
+  glibc is set up before anything is allocated to give every block of 64 KiB or more its own ``mmap``
+  and to return freed memory (``mallopt``), so that its RSS follows the memory actually allocated:
+  after one step (gradients and momentum buffers exist), the peak RSS is reset
+  (``/proc/self/clear_refs``) and one more step is measured; on CUDA ``max_memory_allocated`` as above;
+- saved MB (same step): bytes of the tensors autograd saves in one training forward
+  (``torch.autograd.graph.saved_tensors_hooks``, each storage once, parameters and buffers excluded):
+  exact and deterministic, a companion of the noisy peaks.
+
+``--in-process`` runs everything in this process, one configuration after the other (for smoke tests:
+its CPU peaks mean little).
 """
 
 from __future__ import annotations
@@ -47,8 +51,8 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from pathlib import Path
@@ -66,7 +70,9 @@ __all__ = [
     "CONFIGS",
     "PRESETS",
     "TARGETS",
+    "IsolatedRun",
     "NaiveRank1Scale",
+    "TrainStepRun",
     "build_config",
     "format_table",
     "main",
@@ -95,7 +101,8 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
 )
 METRICS: tuple[str, ...] = ("img_s", "peak_rss_mb", "live_peak_mb", "saved_mb")
 MB = 2**20
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+_LIVE_THRESHOLD = 64 * 2**10  # blocks from 64 KiB up get their own mmap in the live-peak step
 
 
 class _NaiveSign(torch.autograd.Function):
@@ -189,16 +196,6 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
-@contextmanager
-def _threads(n: int) -> Iterator[None]:
-    old = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def _autocast(device: str, precision: str) -> Any:
     if precision == "32":
         return nullcontext()
@@ -219,19 +216,127 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _release_heap_and_reset_peak() -> bool:
-    """glibc: big blocks via ``mmap`` from now on, free heap returned, peak RSS reset; False if unsupported."""
+def _live_malloc() -> bool:
+    """glibc: every block of 64 KiB or more gets its own ``mmap``, freed memory goes back; False if not."""
     if not sys.platform.startswith("linux"):
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 20) == 1
-        libc.malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets the peak RSS (VmHWM, which ru_maxrss reports)
-        return ok
+        return libc.mallopt(_M_MMAP_THRESHOLD, _LIVE_THRESHOLD) == 1 and (
+            libc.mallopt(_M_TRIM_THRESHOLD, _LIVE_THRESHOLD) == 1
+        )
     except (OSError, AttributeError):
         return False
+
+
+def _reset_peak_rss() -> bool:
+    """Reset this process's peak RSS (Linux ``/proc/self/clear_refs``; ``ru_maxrss`` follows)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class TrainStepRun:
+    """One configuration's model, optimizer and batch, built for timing single SGD training steps.
+
+    ``step()`` runs one step and returns its seconds; ``finish()`` returns the result dict (peaks
+    relative to the memory before the first step, and optionally the live peak and saved bytes of one
+    more step). Build it in a fresh process (:class:`IsolatedRun`) for meaningful CPU peaks.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        image_size: int,
+        batch_size: int,
+        num_classes: int = 10,
+        stem: str = "small",
+        device: str = "cpu",
+        precision: str = "32",
+        channels_last: bool = False,
+        compile: bool = False,
+        threads: int | None = None,
+        seed: int = 0,
+        live_malloc: bool = False,
+    ) -> None:
+        # a memory run: set glibc's policy before anything is allocated, so that RSS follows live memory
+        self.live = self.cuda = torch.device(device).type == "cuda"
+        if live_malloc and not self.cuda:
+            self.live = _live_malloc()
+        torch.set_num_threads(threads or available_cores())
+        torch.manual_seed(seed)
+        self.name, self.batch_size, self.precision = name, batch_size, precision
+        self.dev = torch.device(device)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        self.model = build_config(name, image_size, num_classes, stem).to(self.dev, memory_format=fmt).train()
+        self.forward: Callable[[Tensor], Tensor] = torch.compile(self.model) if compile else self.model
+        self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.scaler = torch.amp.GradScaler(self.dev.type, enabled=precision == "16")
+        self.x = torch.randn(batch_size, 3, image_size, image_size, device=self.dev).contiguous(
+            memory_format=fmt
+        )
+        self.target = torch.randint(0, num_classes, (batch_size,), device=self.dev)
+        self.times: list[float] = []
+        self.base = self._base_memory()
+
+    def _base_memory(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+            torch.cuda.reset_peak_memory_stats(self.dev)
+            return torch.cuda.memory_allocated(self.dev)
+        return _rss_bytes()
+
+    def _peak_mb(self) -> float:
+        peak = torch.cuda.max_memory_allocated(self.dev) if self.cuda else _maxrss_bytes()
+        return (peak - self.base) / MB
+
+    def _step(self) -> None:
+        self.opt.zero_grad(set_to_none=True)
+        with _autocast(self.dev.type, self.precision):
+            loss = F.cross_entropy(self.forward(self.x), self.target)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+
+    def step(self) -> float:
+        """One training step; returns its wall-clock seconds."""
+        t0 = time.perf_counter()
+        self._step()
+        seconds = time.perf_counter() - t0
+        self.times.append(seconds)
+        return seconds
+
+    def finish(
+        self, warmup: int, measure_live_peak: bool = False, measure_saved: bool = False
+    ) -> dict[str, Any]:
+        """The result of the steps so far (the first ``warmup`` untimed), then the optional extra step."""
+        times = self.times[warmup:]
+        result: dict[str, Any] = {
+            "config": self.name,
+            "step_s": times,
+            "img_s": self.batch_size / statistics.median(times) if times else float("nan"),
+            "peak_rss_mb": self._peak_mb(),
+            "live_peak_mb": float("nan"),
+            "saved_mb": float("nan"),
+        }
+        if measure_live_peak or measure_saved:  # one more step, watched by the allocator and/or autograd
+            self.opt.zero_grad(set_to_none=True)
+            live = measure_live_peak and self.live and (self.cuda or _reset_peak_rss())
+            self.base = self._base_memory()
+            if measure_saved:
+                saved = saved_tensor_bytes(self._step, [*self.model.parameters(), *self.model.buffers()])
+                result["saved_mb"] = saved.pop("total") / MB
+                result["saved_mb_by_dtype"] = {k: v / MB for k, v in saved.items()}
+            else:
+                self._step()
+            if live:
+                result["live_peak_mb"] = self._peak_mb()
+        return result
 
 
 def run_config(
@@ -240,91 +345,33 @@ def run_config(
     batch_size: int,
     steps: int,
     warmup: int,
-    num_classes: int = 10,
-    stem: str = "small",
-    device: str = "cpu",
-    precision: str = "32",
-    channels_last: bool = False,
-    compile: bool = False,
     measure_live_peak: bool = False,
     measure_saved: bool = False,
-    threads: int | None = None,
-    seed: int = 0,
+    **kwargs: Any,
 ) -> dict[str, Any]:
-    """Build configuration ``name``, time ``steps`` SGD train steps, measure memory; one result dict.
-
-    Run it in a fresh process (:func:`run_isolated`) for meaningful CPU peaks (module docstring).
-    """
-    start = time.perf_counter()
-    with _threads(threads or available_cores()):
-        torch.manual_seed(seed)
-        dev = torch.device(device)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
-        model = build_config(name, image_size, num_classes, stem).to(dev, memory_format=fmt).train()
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        scaler = torch.amp.GradScaler(dev.type, enabled=precision == "16")
-        x = torch.randn(batch_size, 3, image_size, image_size, device=dev).contiguous(memory_format=fmt)
-        target = torch.randint(0, num_classes, (batch_size,), device=dev)
-        forward: Callable[[Tensor], Tensor] = torch.compile(model) if compile else model
-        cuda = dev.type == "cuda"
-
-        def loss_fn() -> Tensor:
-            with _autocast(dev.type, precision):
-                return F.cross_entropy(forward(x), target)
-
-        def step() -> None:
-            opt.zero_grad(set_to_none=True)
-            scaler.scale(loss_fn()).backward()
-            scaler.step(opt)
-            scaler.update()
-            if cuda:
-                torch.cuda.synchronize(dev)
-
-        def base_memory() -> int:
-            if cuda:
-                torch.cuda.synchronize(dev)
-                torch.cuda.reset_peak_memory_stats(dev)
-                return torch.cuda.memory_allocated(dev)
-            return _rss_bytes()
-
-        def peak_memory(base: int) -> float:
-            return ((torch.cuda.max_memory_allocated(dev) if cuda else _maxrss_bytes()) - base) / MB
-
-        base = base_memory()
-        times = []
-        for i in range(warmup + steps):
-            t0 = time.perf_counter()
-            step()
-            if i >= warmup:
-                times.append(time.perf_counter() - t0)
-        result: dict[str, Any] = {
-            "config": name,
-            "step_s": times,
-            "img_s": batch_size / statistics.median(times) if times else float("nan"),
-            "peak_rss_mb": peak_memory(base),
-            "live_peak_mb": float("nan"),
-            "saved_mb": float("nan"),
-        }
-        if measure_live_peak or measure_saved:  # one more step, watched by the allocator and/or autograd
-            opt.zero_grad(set_to_none=True)
-            live = measure_live_peak and (cuda or _release_heap_and_reset_peak())
-            base = base_memory()
-            if measure_saved:
-                saved = saved_tensor_bytes(step, [*model.parameters(), *model.buffers()])
-            else:
-                step()
-            if live:
-                result["live_peak_mb"] = peak_memory(base)
-            if measure_saved:
-                result["saved_mb"] = saved.pop("total") / MB
-                result["saved_mb_by_dtype"] = {k: v / MB for k, v in saved.items()}
-        result["run_s"] = time.perf_counter() - start
-        return result
-
-
-def _worker(kwargs: dict[str, Any], conn: Connection) -> None:
+    """Build configuration ``name`` in this process, run ``warmup + steps`` steps; the result dict."""
+    old = torch.get_num_threads()
     try:
-        conn.send(("ok", run_config(**kwargs)))
+        run = TrainStepRun(name, image_size, batch_size, **kwargs)
+        for _ in range(warmup + steps):
+            run.step()
+        return run.finish(warmup, measure_live_peak, measure_saved)
+    finally:
+        torch.set_num_threads(old)
+
+
+def _serve(kwargs: dict[str, Any], conn: Connection) -> None:
+    """Worker process: build a :class:`TrainStepRun`, then answer ``step`` / ``finish`` requests."""
+    try:
+        run = TrainStepRun(**kwargs)
+        conn.send(("ok", None))
+        while True:
+            command, args = conn.recv()
+            if command == "step":
+                conn.send(("ok", run.step()))
+            else:
+                conn.send(("ok", run.finish(**args)))
+                return
     except BaseException as e:  # hand any failure to the parent instead of dying silently
         conn.send(("error", f"{type(e).__name__}: {e}"))
     finally:
@@ -340,21 +387,60 @@ def _mp_context() -> BaseContext:
     return mp.get_context("spawn")
 
 
+class IsolatedRun:
+    """A :class:`TrainStepRun` in its own process (its ``ru_maxrss`` covers this run only)."""
+
+    def __init__(self, kwargs: dict[str, Any], ctx: BaseContext | None = None) -> None:
+        ctx = ctx or _mp_context()
+        self.name = kwargs["name"]
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_serve, args=(kwargs, child), daemon=True)
+        self.proc.start()
+        child.close()
+
+    def _reply(self) -> Any:
+        try:
+            status, payload = self.conn.recv()
+        except EOFError:
+            status, payload = "error", "the worker process died (out of memory?)"
+        if status != "ok":
+            self.proc.join()
+            raise RuntimeError(
+                f"benchmark run {self.name!r} failed (exit code {self.proc.exitcode}): {payload}"
+            )
+        return payload
+
+    def ready(self) -> None:
+        """Wait until the model is built."""
+        self._reply()
+
+    def step(self) -> float:
+        """One training step in the worker; its seconds."""
+        self.conn.send(("step", None))
+        return self._reply()
+
+    def finish(self, **args: Any) -> dict[str, Any]:
+        """:meth:`TrainStepRun.finish` in the worker, which then exits."""
+        self.conn.send(("finish", args))
+        result = self._reply()
+        self.proc.join()
+        return result
+
+
 def run_isolated(kwargs: dict[str, Any], ctx: BaseContext | None = None) -> dict[str, Any]:
-    """:func:`run_config` in a new process, so that its ``ru_maxrss`` covers this run only."""
-    ctx = ctx or _mp_context()
-    recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_worker, args=(kwargs, send))
-    proc.start()
-    send.close()
-    try:
-        status, payload = recv.recv()
-    except EOFError:
-        status, payload = "error", "the worker process died (out of memory?)"
-    proc.join()
-    if status != "ok":
-        raise RuntimeError(f"benchmark run {kwargs['name']!r} failed (exit code {proc.exitcode}): {payload}")
-    return payload
+    """:func:`run_config` in a new process (with ``measure_live_peak``, under the live-peak malloc policy)."""
+    build = {
+        k: v for k, v in kwargs.items() if k not in ("steps", "warmup", "measure_live_peak", "measure_saved")
+    }
+    run = IsolatedRun({**build, "live_malloc": kwargs.get("measure_live_peak", False)}, ctx)
+    run.ready()
+    for _ in range(kwargs["warmup"] + kwargs["steps"]):
+        run.step()
+    return run.finish(
+        warmup=kwargs["warmup"],
+        measure_live_peak=kwargs.get("measure_live_peak", False),
+        measure_saved=kwargs.get("measure_saved", False),
+    )
 
 
 def _median(values: Sequence[float]) -> float:
@@ -362,33 +448,77 @@ def _median(values: Sequence[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-WORKER_KEYS: tuple[str, ...] = (
-    "image_size", "batch_size", "steps", "warmup", "num_classes", "stem", "device", "precision",
-    "channels_last", "compile", "threads",
+BUILD_KEYS: tuple[str, ...] = (
+    "image_size", "batch_size", "num_classes", "stem", "device", "precision", "channels_last", "compile",
+    "threads",
 )  # fmt: skip
+
+
+def _memory_pass(
+    settings: dict[str, Any], configs: Sequence[str], ctx: BaseContext | None
+) -> dict[str, dict[str, Any]]:
+    """Per configuration, in a process whose glibc returns freed memory: live peak and saved bytes."""
+    build = {k: settings[k] for k in BUILD_KEYS}
+    finish = {"warmup": 1, "measure_saved": True, "measure_live_peak": ctx is not None}
+    if ctx is None:
+        return {name: run_config(name=name, steps=0, **{**build, **finish}) for name in configs}
+    out = {}
+    for name in configs:
+        run = IsolatedRun({"name": name, **build, "live_malloc": True}, ctx)
+        run.ready()
+        run.step()  # allocates the gradients and the momentum buffers
+        out[name] = run.finish(**finish)
+    return out
+
+
+def _timed_round(
+    settings: dict[str, Any], order: Sequence[str], ctx: BaseContext | None
+) -> dict[str, dict[str, Any]]:
+    """One round: every configuration's warm-up and timed steps, interleaved step by step."""
+    build = {k: settings[k] for k in BUILD_KEYS}
+    warmup, steps = settings["warmup"], settings["steps"]
+    if ctx is None:  # in this process: one configuration after the other
+        return {name: run_config(name=name, steps=steps, warmup=warmup, **build) for name in order}
+    runs = {name: IsolatedRun({"name": name, **build}, ctx) for name in order}
+    try:
+        for run in runs.values():
+            run.ready()
+        for _ in range(warmup + steps):
+            for run in runs.values():
+                run.step()
+        return {name: run.finish(warmup=warmup) for name, run in runs.items()}
+    finally:
+        for run in runs.values():
+            if run.proc.is_alive():
+                run.proc.kill()
 
 
 def bench_setting(
     settings: dict[str, Any], configs: Sequence[str], log: Callable[[str], None] = print
 ) -> dict[str, Any]:
-    """All rounds of one setting (configurations interleaved within each round); a summary dict."""
+    """A memory pass and the timed rounds of one setting; a summary dict with medians, ratios, targets."""
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     ctx = None if settings["in_process"] else _mp_context()
+    memory = _memory_pass(settings, configs, ctx)
+    for name, res in memory.items():
+        log(f"  memory {name:8s} live peak {res['live_peak_mb']:6.0f} MB  saved {res['saved_mb']:6.0f} MB")
     for rnd in range(settings["repeats"]):
-        for name in configs if rnd % 2 == 0 else list(reversed(configs)):
-            first = rnd == 0
-            kwargs = {"name": name, **{k: settings[k] for k in WORKER_KEYS}}
-            kwargs.update(measure_live_peak=first and ctx is not None, measure_saved=first)
-            res = run_config(**kwargs) if ctx is None else run_isolated(kwargs, ctx)
+        order = list(configs) if rnd % 2 == 0 else list(reversed(configs))
+        results = _timed_round(settings, order, ctx)
+        for name in order:
+            res = results[name]
+            for key in ("live_peak_mb", "saved_mb", "saved_mb_by_dtype"):
+                res[key] = memory[name].get(key, float("nan"))
             runs[name].append(res)
             log(
-                f"  round {rnd + 1}/{settings['repeats']} {name:8s} {res['img_s']:8.2f} img/s  peak RSS "
-                f"{res['peak_rss_mb']:6.0f} MB  live peak {res['live_peak_mb']:6.0f} MB  saved {res['saved_mb']:6.0f} MB"
+                f"  round {rnd + 1}/{settings['repeats']} {name:8s} {res['img_s']:8.2f} img/s  "
+                f"peak RSS {res['peak_rss_mb']:6.0f} MB"
             )
     summary = {
         name: {
-            **{m: _median([r.get(m, float("nan")) for r in rs]) for m in METRICS},
+            **{m: _median([r[m] for r in rs]) for m in METRICS},
             "img_s_rounds": [r["img_s"] for r in rs],
+            "step_s_rounds": [r["step_s"] for r in rs],
             "peak_rss_mb_rounds": [r["peak_rss_mb"] for r in rs],
             "saved_mb_by_dtype": rs[0].get("saved_mb_by_dtype", {}),
         }
@@ -400,12 +530,13 @@ def bench_setting(
         for ref in ("floor", "naive"):
             if ref == name or ref not in runs:
                 continue
-            for m in METRICS:
-                key = f"{m.removesuffix('_mb')}_vs_{ref}"
-                per_round = [
-                    a[m] / b[m] for a, b in zip(runs[name], runs[ref]) if m in a and m in b and b[m] > 0
-                ]
-                ratios[name][key] = _median(per_round)
+            pairs = list(zip(runs[name], runs[ref]))
+            # img/s: per pair of steps run back to back (same round, same step index)
+            step_ratios = [tb / ta for a, b in pairs for ta, tb in zip(a["step_s"], b["step_s"])]
+            ratios[name][f"img_s_vs_{ref}"] = _median(step_ratios)
+            for m in METRICS[1:]:
+                per_round = [a[m] / b[m] for a, b in pairs if b[m] > 0]
+                ratios[name][f"{m.removesuffix('_mb')}_vs_{ref}"] = _median(per_round)
     targets = {}
     for key, op, bound in TARGETS:
         value = ratios.get("xnorpp", {}).get(key, float("nan"))
@@ -455,7 +586,7 @@ def format_table(result: dict[str, Any]) -> str:
         cells += [_fmt(r.get(key, float("nan")), digits) for _, key, digits in cols[1:]]
         rows.append(f"| {name} | " + " | ".join(cells) + " |")
     lines = [
-        f"- xnorpp {key}: {t['value']:.2f} (target {t['target']}): {'met' if t['met'] else 'NOT met'}"
+        f"- xnorpp {key}: {t['value']:.3f} (target {t['target']}): {'met' if t['met'] else 'NOT met'}"
         for key, t in result["targets"].items()
     ]
     return head + "\n".join(rows) + ("\n\n" + "\n".join(lines) if lines else "")
