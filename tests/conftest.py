@@ -33,6 +33,7 @@ TINY = [
     "trainer.log_every=1",
     "logger=none",
     "trainer.threads=1",
+    "trainer.kernels=eager",  # no compiling in every smoke run (test_train covers the compiled kernel)
 ]
 
 

@@ -13,6 +13,7 @@ from xnorpp.bench import CONFIGS, NaiveRank1Scale, build_config, main, naive_sig
 from xnorpp.nn import BinaryConv2d, sign_ste
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--repeats", "1"]
+TINY += ["--kernels", "eager", "--malloc", "system"]  # in this process: no compiling, no allocator change
 
 
 def test_bench_main_in_process_writes_json_with_expected_keys(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -48,6 +49,7 @@ def test_run_isolated_measures_peaks_in_a_fresh_process() -> None:
     )
     assert res["config"] == "xnorpp" and res["img_s"] > 0
     assert res["peak_rss_mb"] > 0 and res["live_peak_mb"] > 0
+    assert res["kernels"] == "compiled"  # the worker compiled the sign kernel (a C++ compiler is here)
 
 
 def test_naive_reference_is_the_same_math() -> None:

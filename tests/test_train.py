@@ -35,6 +35,7 @@ def test_default_trains_a_short_epoch_on_bundled_data(make_cfg, tmp_path: Path) 
     ]:
         assert saved[key] is not None, key
     assert saved["epochs"] == 1 and saved["params/binary"] == 10_985_472
+    assert saved["kernels"] == "compiled"  # the default compiles the sign kernel (a C++ compiler is here)
     assert 0.0 <= saved["val/top1"] <= 100.0 and saved["val/top5"] >= saved["val/top1"]
     assert results["best/val/top1"] == saved["best/val/top1"]
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
@@ -125,6 +126,16 @@ def test_bad_scale_name_lists_valid_choices(make_cfg) -> None:
         ValueError, match="valid choices: none, xnor, xnor_k, channel, full, channel_spatial, rank1"
     ):
         train(make_cfg("scale.name=rank2"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [("trainer.kernels=fast", "trainer.kernels: .*valid choices: eager, compiled"),
+     ("trainer.malloc=jemalloc", "trainer.malloc: .*valid choices: keep, system")],
+)  # fmt: skip
+def test_bad_speed_setting_names_the_key_and_the_choices(make_cfg, override: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        train(make_cfg(override))
 
 
 def test_weight_decay_groups_reach_the_optimizer(make_cfg) -> None:

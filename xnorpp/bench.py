@@ -63,8 +63,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .engine.memory import MALLOC_POLICIES, set_malloc_policy
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
 from .nn.fused import set_fused
+from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
 
 __all__ = [
     "CONFIGS",
@@ -89,7 +91,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu32": {"image_size": 32, "batch_size": 128, "stem": "small", "num_classes": 10},
     "cpu224": {"image_size": 224, "batch_size": 32, "stem": "imagenet", "num_classes": 1000},
 }
-DEFAULTS: dict[str, Any] = {"steps": 2, "warmup": 1, "repeats": 3, **PRESETS["cpu32"]}
+DEFAULTS: dict[str, Any] = {"steps": 3, "warmup": 3, "repeats": 3, **PRESETS["cpu32"]}
 # the issue's targets for ``xnorpp``: (ratio key, comparison, bound)
 TARGETS: tuple[tuple[str, str, float], ...] = (
     ("img_s_vs_floor", ">=", 0.95),
@@ -261,11 +263,16 @@ class TrainStepRun:
         threads: int | None = None,
         seed: int = 0,
         live_malloc: bool = False,
+        malloc: str = "keep",
+        kernels: str = "compiled",
     ) -> None:
-        # a memory run: set glibc's policy before anything is allocated, so that RSS follows live memory
+        # glibc's policy before anything is allocated: a memory run makes RSS follow live memory
         self.live = self.cuda = torch.device(device).type == "cuda"
         if live_malloc and not self.cuda:
             self.live = _live_malloc()
+        elif not self.cuda:
+            set_malloc_policy(malloc)
+        set_kernels(kernels)
         torch.set_num_threads(threads or available_cores())
         torch.manual_seed(seed)
         self.name, self.batch_size, self.precision = name, batch_size, precision
@@ -323,6 +330,7 @@ class TrainStepRun:
             "peak_rss_mb": self._peak_mb(),
             "live_peak_mb": float("nan"),
             "saved_mb": float("nan"),
+            "kernels": get_kernels(),  # "eager" if compiling failed
         }
         if measure_live_peak or measure_saved:  # one more step, watched by the allocator and/or autograd
             self.opt.zero_grad(set_to_none=True)
@@ -350,14 +358,15 @@ def run_config(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Build configuration ``name`` in this process, run ``warmup + steps`` steps; the result dict."""
-    old = torch.get_num_threads()
+    old_threads, old_kernels = torch.get_num_threads(), get_kernels()
     try:
         run = TrainStepRun(name, image_size, batch_size, **kwargs)
         for _ in range(warmup + steps):
             run.step()
         return run.finish(warmup, measure_live_peak, measure_saved)
     finally:
-        torch.set_num_threads(old)
+        torch.set_num_threads(old_threads)
+        set_kernels(old_kernels)
 
 
 def _serve(kwargs: dict[str, Any], conn: Connection) -> None:
@@ -450,7 +459,7 @@ def _median(values: Sequence[float]) -> float:
 
 BUILD_KEYS: tuple[str, ...] = (
     "image_size", "batch_size", "num_classes", "stem", "device", "precision", "channels_last", "compile",
-    "threads",
+    "threads", "malloc", "kernels",
 )  # fmt: skip
 
 
@@ -556,7 +565,8 @@ def format_table(result: dict[str, Any]) -> str:
     head = (
         f"### resnet18_preact_bin {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
         f"{s['device']}, precision {s['precision']}{', channels_last' if s['channels_last'] else ''}"
-        f"{', compiled' if s['compile'] else ''}, {s['threads']} threads: {s['steps']} timed steps after "
+        f"{', compiled' if s['compile'] else ''}, {s['threads']} threads, malloc {s.get('malloc', 'system')}, "
+        f"{s.get('kernels', 'eager')} kernels: {s['steps']} timed steps after "
         f"{s['warmup']} warm-up, median of {s['repeats']} rounds\n\n"
     )
     cols = [("img/s", "img_s", 2)] + [
@@ -610,6 +620,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
+    p.add_argument(
+        "--malloc", choices=MALLOC_POLICIES, default="keep",
+        help="CPU allocator policy of the timed runs, as trainer.malloc (default keep)",
+    )  # fmt: skip
+    p.add_argument(
+        "--kernels", choices=KERNEL_MODES, default="compiled",
+        help="the binary layers' sign kernel, as trainer.kernels (default compiled)",
+    )  # fmt: skip
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS))
     p.add_argument(
         "--in-process", action="store_true", help="no worker processes (CPU peaks then unreliable)"
@@ -626,6 +644,7 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
     settings.update(
         preset=preset, device=args.device, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads or available_cores(), in_process=args.in_process,
+        malloc=args.malloc, kernels=args.kernels,
     )  # fmt: skip
     return settings
 

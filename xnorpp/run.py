@@ -35,9 +35,11 @@ from .engine.checkpoint import (
 from .engine.distributed import DistInfo, barrier, init_distributed
 from .engine.health import BinarizationHealth
 from .engine.loaders import build_loaders
+from .engine.memory import set_malloc_policy
 from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
+from .nn.kernels import get_kernels, set_kernels
 from .track import WandbTracker, write_results
 
 log = logging.getLogger("xnorpp")
@@ -80,6 +82,18 @@ def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
             "model %s is real-valued: binarization=%s and scale are ignored", name, args["binarization"]
         )
     return timm.create_model(name, num_classes=args["num_classes"], in_chans=args["in_chans"])
+
+
+def _apply_speed_settings(cfg: DictConfig, device: torch.device) -> None:
+    """``trainer.kernels`` and, on CPU, ``trainer.malloc`` (before the big allocations: the policy
+    applies to memory mapped later); a wrong value names the key and the valid choices."""
+    for key, apply in (("kernels", set_kernels), ("malloc", set_malloc_policy)):
+        if key == "malloc" and device.type != "cpu":
+            continue
+        try:
+            apply(str(cfg.trainer[key]))
+        except ValueError as e:
+            raise ValueError(f"trainer.{key}: {e}") from None
 
 
 def _check_scale_fits(model_args: dict[str, Any]) -> None:
@@ -179,6 +193,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     dist_info, device = init_distributed(str(cfg.trainer.device))
     primary = dist_info.primary
+    _apply_speed_settings(cfg, device)
     threads = cfg.trainer.threads or _launcher_threads()
     if threads:
         torch.set_num_threads(int(threads))
@@ -474,4 +489,5 @@ def _fit_or_eval(
         "skipped_steps": state.skipped_steps,
         "history": history,
         "accuracy_unit": "percent",
+        "kernels": get_kernels(),  # "eager" if trainer.kernels=compiled could not compile
     }

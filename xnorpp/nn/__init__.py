@@ -1,6 +1,7 @@
 """Binary building blocks: sign functions with straight-through estimators, scale factors, BinaryConv2d."""
 
 from .conv import BinaryConv2d, conv_output_size
+from .kernels import KERNEL_MODES, get_kernels, set_kernels
 from .scale import (
     LEARNED_SCALES,
     SCALES,
@@ -24,6 +25,7 @@ from .sign import (
 
 __all__ = [
     "ACTIVATION_ESTIMATORS",
+    "KERNEL_MODES",
     "LEARNED_SCALES",
     "SCALES",
     "SPATIAL_SCALES",
@@ -38,7 +40,9 @@ __all__ = [
     "centre_weight",
     "conv_output_size",
     "get_estimator",
+    "get_kernels",
     "identity_sign",
+    "set_kernels",
     "sign_ste",
     "weight_sign",
 ]

@@ -35,8 +35,12 @@ __all__ = [
 
 
 def binary_sign(x: Tensor) -> Tensor:
-    """``+1`` where ``x >= 0`` else ``-1``, in ``x``'s dtype (never 0, unlike ``torch.sign``)."""
-    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+    """``+1`` where ``x >= 0`` else ``-1``, in ``x``'s dtype (never 0, unlike ``torch.sign``).
+
+    Computed as ``sign(sign(x) + 0.5)``: three float passes, several times faster on CPU than
+    ``torch.where(x >= 0, 1, -1)``, whose comparison writes a bool tensor.
+    """
+    return torch.sign(x).add_(0.5).sign_()
 
 
 class _SignSTE(torch.autograd.Function):

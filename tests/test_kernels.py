@@ -1,0 +1,119 @@
+"""The fused layer's sign kernel: compiled and eager give the same bits; failures fall back loudly."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import Tensor
+
+from xnorpp.engine.memory import MALLOC_POLICIES, set_malloc_policy
+from xnorpp.nn import binary_sign, kernels
+
+
+@pytest.fixture
+def compiled() -> Iterator[None]:
+    """Compiled kernels for one test, then back to the mode and state before it."""
+    old = kernels.get_kernels()
+    kernels.set_kernels("compiled")
+    yield
+    kernels.set_kernels(old)
+
+
+def planted(shape: tuple[int, ...], seed: int = 0) -> Tensor:
+    """Gaussian values on both sides of the window, with the boundary values -1, 1, 0 and -0.0 planted."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 1.5
+    x.view(-1)[:6] = torch.tensor([-1.0, 1.0, 0.0, -0.0, -1.0000001, 1.0000001])
+    return x
+
+
+def reference(x: Tensor) -> tuple[Tensor, Tensor]:
+    """The definition: sign with sign(0) = +1, code = sign * (1 + [|x| <= 1])."""
+    s = torch.where(x >= 0, 1.0, -1.0)
+    window = (x.abs() <= 1).to(torch.int8)
+    return s, (s.to(torch.int8) * (1 + window)).to(torch.int8)
+
+
+@pytest.mark.parametrize("mode", ["eager", "compiled"])
+def test_sign_code_matches_its_definition(mode: str) -> None:
+    old = kernels.get_kernels()
+    kernels.set_kernels(mode)
+    try:
+        x = planted((3, 5, 7, 7))
+        s, code = kernels.sign_code(x, torch.float32)
+        assert kernels.get_kernels() == mode  # compiling worked where it was asked for
+    finally:
+        kernels.set_kernels(old)
+    ref_s, ref_code = reference(x)
+    assert torch.equal(s, ref_s) and torch.equal(code, ref_code)
+    assert code.view(-1)[:6].tolist() == [-2, 2, 2, 2, -1, 1]
+    assert torch.equal(binary_sign(x), ref_s)
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last", "dtype"),
+    [((4, 8, 9, 9), False, torch.float32), ((4, 8, 9, 9), True, torch.float32),
+     ((16, 8, 1, 1), False, torch.float32), ((2, 3, 5, 5), False, torch.bfloat16), ((37,), False, torch.float32)],
+)  # fmt: skip
+def test_compiled_sign_code_is_bit_identical_to_eager_and_keeps_the_layout(
+    compiled: None, shape: tuple[int, ...], channels_last: bool, dtype: torch.dtype
+) -> None:
+    x = planted(shape)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    s, code = kernels.sign_code(x, dtype)
+    eager_s, eager_code = kernels._sign_code(x, dtype)
+    assert s.dtype == dtype and code.dtype == torch.int8
+    assert torch.equal(s, eager_s) and torch.equal(code, eager_code)
+    assert s.stride() == x.stride() and code.stride() == x.stride()  # channels-last stays channels-last
+
+
+def test_kernels_in_a_bf16_input_map_rounded_zeros_to_plus_one() -> None:
+    x = torch.tensor([1e-30, -1e-30, 0.0, -0.5], dtype=torch.bfloat16)  # +-1e-30 survive in bf16
+    s, code = kernels.sign_code(x, torch.bfloat16)
+    assert s.tolist() == [1.0, -1.0, 1.0, -1.0] and code.tolist() == [2, -2, 2, -2]
+
+
+def test_code_readers_give_the_sign_and_the_window() -> None:
+    code = torch.tensor([-2, -1, 1, 2], dtype=torch.int8)
+    assert kernels.code_sign(code, torch.float32).tolist() == [-1.0, -1.0, 1.0, 1.0]
+    grad = torch.tensor([3.0, 4.0, 5.0, 6.0])
+    assert kernels.masked_grad(grad, code, torch.float32).tolist() == [3.0, 0.0, 0.0, 6.0]
+
+
+def test_a_failing_compiler_warns_once_and_falls_back_to_identical_eager_results(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(*args: object, **kwargs: object) -> object:
+        def fail(*a: object, **k: object) -> None:
+            raise RuntimeError("no C++ compiler found\nsecond line")
+
+        return fail
+
+    monkeypatch.setattr(torch, "compile", broken)
+    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_failed", None)
+    monkeypatch.setattr(kernels, "_mode", "compiled")
+    x = planted((2, 4, 5, 5))
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler found.*trainer.kernels=eager"):
+        s, code = kernels.sign_code(x, torch.float32)
+    assert kernels.get_kernels() == "eager"
+    assert torch.equal(code, reference(x)[1]) and torch.equal(s, reference(x)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the second call is silent
+        kernels.sign_code(x, torch.float32)
+
+
+def test_unknown_modes_list_the_valid_choices() -> None:
+    with pytest.raises(ValueError, match="valid choices: eager, compiled"):
+        kernels.set_kernels("triton")
+    with pytest.raises(ValueError, match="valid choices: keep, system"):
+        set_malloc_policy("tcmalloc")
+
+
+def test_malloc_policies_apply_on_this_linux_machine() -> None:
+    assert MALLOC_POLICIES == ("keep", "system")
+    assert set_malloc_policy("system") is True
+    assert set_malloc_policy("keep") is True  # glibc's mallopt accepted both parameters
