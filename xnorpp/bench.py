@@ -274,6 +274,7 @@ class TrainStepRun:
             set_malloc_policy(malloc)
         set_kernels(kernels)
         torch.set_num_threads(threads or available_cores())
+        torch.backends.cudnn.benchmark = True  # as the trainer does on CUDA (fixed shapes)
         torch.manual_seed(seed)
         self.name, self.batch_size, self.precision = name, batch_size, precision
         self.dev = torch.device(device)
@@ -508,7 +509,10 @@ def bench_setting(
     """A memory pass and the timed rounds of one setting; a summary dict with medians, ratios, targets."""
     runs: dict[str, list[dict[str, Any]]] = {c: [] for c in configs}
     ctx = None if settings["in_process"] else _mp_context()
-    memory = _memory_pass(settings, configs, ctx)
+    if settings.get("memory_pass", True):
+        memory = _memory_pass(settings, configs, ctx)
+    else:  # e.g. with --compile, where every process compiles again
+        memory = {name: {"live_peak_mb": float("nan"), "saved_mb": float("nan")} for name in configs}
     for name, res in memory.items():
         log(f"  memory {name:8s} live peak {res['live_peak_mb']:6.0f} MB  saved {res['saved_mb']:6.0f} MB")
     for rnd in range(settings["repeats"]):
@@ -632,6 +636,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--in-process", action="store_true", help="no worker processes (CPU peaks then unreliable)"
     )
+    p.add_argument(
+        "--no-memory-pass", dest="memory_pass", action="store_false",
+        help="skip the live-peak/saved-bytes pass (one more process per configuration)",
+    )  # fmt: skip
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p
 
@@ -644,7 +652,7 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
     settings.update(
         preset=preset, device=args.device, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads or available_cores(), in_process=args.in_process,
-        malloc=args.malloc, kernels=args.kernels,
+        malloc=args.malloc, kernels=args.kernels, memory_pass=args.memory_pass,
     )  # fmt: skip
     return settings
 

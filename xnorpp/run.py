@@ -199,6 +199,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         torch.set_num_threads(int(threads))
     if cfg.trainer.deterministic:
         torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":  # fixed input shapes: let cuDNN pick the fastest algorithms once
+        torch.backends.cudnn.benchmark = True
     _seed_everything(int(cfg.seed))
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)

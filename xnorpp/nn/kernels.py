@@ -51,6 +51,7 @@ def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     return x.reshape(-1), lambda t: t.view(shape)
 
 
+_RECOMPILE_LIMIT = 64
 _mode = "eager"
 _compiled: Callable[[Tensor, torch.dtype], tuple[Tensor, Tensor]] | None = None
 _failed: str | None = None  # why compiling failed, once it has
@@ -74,15 +75,17 @@ def sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     code ``sign * (1 + window)``, ``window = 1`` where ``-1 <= x <= 1``: ``-2, -1, +1, +2``.
 
     The code's sign is the binary value (:func:`code_sign`), its magnitude the STE window
-    (:func:`masked_grad`).
+    (:func:`masked_grad`). Inside a ``torch.compile``'d model the eager ops are traced (and fused) instead.
     """
     global _compiled, _failed
-    if _mode == "compiled" and _failed is None:
+    if _mode == "compiled" and _failed is None and not torch.compiler.is_compiling():
         if _compiled is None:
             _compiled = torch.compile(_sign_code, dynamic=True, fullgraph=True)
         try:
             flat, unflatten = _flat(x.detach())  # one compiled graph for every shape and layout
-            s, code = _compiled(flat, dtype)
+            # a graph per device, dtype pair and size-1 base: more than dynamo's default limit of 8
+            with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+                s, code = _compiled(flat, dtype)
             return unflatten(s), unflatten(code)
         except Exception as e:  # any compiler failure: fall back, never stop training
             first_line = (str(e).strip().splitlines() or [""])[0]
@@ -115,4 +118,4 @@ def gamma_forward(y: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
 
 def grad_times_y(grad: Tensor, saved_y: Tensor) -> Tensor:
     """``grad * y`` (``y`` saved as ``int16``) in ``grad``'s dtype: the product whose sum is ``dGamma``."""
-    return torch.mul(grad, saved_y)
+    return saved_y.to(grad.dtype).mul_(grad)
