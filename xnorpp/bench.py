@@ -566,10 +566,12 @@ def _fmt(value: float, digits: int) -> str:
 def format_table(result: dict[str, Any]) -> str:
     """Markdown report of one :func:`bench_setting` result: a table and the targets."""
     s = result["settings"]
+    cuda = str(s["device"]).startswith("cuda")  # peaks are torch.cuda.max_memory_allocated there
     head = (
         f"### resnet18_preact_bin {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
         f"{s['device']}, precision {s['precision']}{', channels_last' if s['channels_last'] else ''}"
-        f"{', compiled' if s['compile'] else ''}, {s['threads']} threads, malloc {s.get('malloc', 'system')}, "
+        f"{', compiled' if s['compile'] else ''}, {s['threads']} threads, "
+        f"{'' if cuda else 'malloc ' + str(s.get('malloc', 'system')) + ', '}"
         f"{s.get('kernels', 'eager')} kernels: {s['steps']} timed steps after "
         f"{s['warmup']} warm-up, median of {s['repeats']} rounds\n\n"
     )
@@ -584,7 +586,7 @@ def format_table(result: dict[str, Any]) -> str:
         for ref in ("floor", "naive")
     ]
     rows = [
-        "| config | img/s | peak RSS MB | live peak MB | saved MB | "
+        f"| config | img/s | {'peak alloc' if cuda else 'peak RSS'} MB | live peak MB | saved MB | "
         + " | ".join(c[0] for c in cols[1:])
         + " |",
         "|---|" + "---:|" * (3 + len(cols)),
