@@ -42,8 +42,6 @@ its CPU peaks mean little).
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import json
 import multiprocessing as mp
 import os
@@ -63,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .engine.memory import MALLOC_POLICIES, set_malloc_policy
+from .engine.memory import MALLOC_POLICIES, set_malloc_policy, set_malloc_thresholds
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
 from .nn.fused import set_fused
 from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
@@ -103,7 +101,6 @@ TARGETS: tuple[tuple[str, str, float], ...] = (
 )
 METRICS: tuple[str, ...] = ("img_s", "peak_rss_mb", "live_peak_mb", "saved_mb")
 MB = 2**20
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _LIVE_THRESHOLD = 64 * 2**10  # blocks from 64 KiB up get their own mmap in the live-peak step
 
 
@@ -220,15 +217,7 @@ def _maxrss_bytes() -> int:
 
 def _live_malloc() -> bool:
     """glibc: every block of 64 KiB or more gets its own ``mmap``, freed memory goes back; False if not."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        return libc.mallopt(_M_MMAP_THRESHOLD, _LIVE_THRESHOLD) == 1 and (
-            libc.mallopt(_M_TRIM_THRESHOLD, _LIVE_THRESHOLD) == 1
-        )
-    except (OSError, AttributeError):
-        return False
+    return set_malloc_thresholds(_LIVE_THRESHOLD, _LIVE_THRESHOLD)
 
 
 def _reset_peak_rss() -> bool:

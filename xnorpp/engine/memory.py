@@ -18,12 +18,24 @@ import ctypes.util
 import logging
 import sys
 
-__all__ = ["MALLOC_POLICIES", "set_malloc_policy"]
+__all__ = ["MALLOC_POLICIES", "set_malloc_policy", "set_malloc_thresholds"]
 
 MALLOC_POLICIES: tuple[str, ...] = ("keep", "system")
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _KEEP = 2**31 - 1  # the largest value mallopt takes (an int)
 log = logging.getLogger(__name__)
+
+
+def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
+    """glibc ``mallopt``: blocks from ``mmap_threshold`` bytes get their own ``mmap``; free heap above
+    ``trim_threshold`` goes back to the OS. True if both took effect (glibc only)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    return mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
 
 
 def set_malloc_policy(policy: str) -> bool:
@@ -37,15 +49,7 @@ def set_malloc_policy(policy: str) -> bool:
         raise ValueError(f"unknown malloc policy {policy!r}; valid choices: {', '.join(MALLOC_POLICIES)}")
     if policy == "system":
         return True
-    ok = False
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-            mallopt = libc.mallopt
-        except (OSError, AttributeError):
-            mallopt = None
-        if mallopt is not None:
-            ok = mallopt(_M_MMAP_THRESHOLD, _KEEP) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP) == 1
+    ok = set_malloc_thresholds(_KEEP, _KEEP)
     if not ok:
         log.info("malloc policy 'keep' needs glibc's mallopt; not available here, using the system's")
     return ok
