@@ -287,7 +287,8 @@ class TrainStepRun:
         return _rss_bytes()
 
     def _peak_mb(self) -> float:
-        peak = torch.cuda.max_memory_allocated(self.dev) if self.cuda else _maxrss_bytes()
+        # Linux updates ru_maxrss lazily (when memory is unmapped): never report below the current RSS
+        peak = torch.cuda.max_memory_allocated(self.dev) if self.cuda else max(_maxrss_bytes(), _rss_bytes())
         return (peak - self.base) / MB
 
     def _step(self) -> None:
