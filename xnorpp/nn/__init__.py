@@ -1,6 +1,6 @@
 """Binary building blocks: sign functions with straight-through estimators, scale factors, BinaryConv2d."""
 
-from .conv import BinaryConv2d, conv_output_size
+from .conv import BinaryConv2d
 from .kernels import KERNEL_MODES, get_kernels, set_kernels
 from .scale import (
     LEARNED_SCALES,
@@ -11,6 +11,7 @@ from .scale import (
     ScaleFactor,
     XnorScale,
     build_scale,
+    conv_output_size,
 )
 from .sign import (
     ACTIVATION_ESTIMATORS,

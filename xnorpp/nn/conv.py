@@ -11,21 +11,12 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.utils import _pair
 
 from .fused import can_fuse, fused_binary_conv_forward
 from .scale import SPATIAL_SCALES, build_scale, check_scale
 from .sign import get_estimator, weight_sign
 
-__all__ = ["BinaryConv2d", "conv_output_size"]
-
-
-def conv_output_size(
-    size: tuple[int, int], kernel_size: Any, stride: Any = 1, padding: Any = 0, dilation: Any = 1
-) -> tuple[int, int]:
-    """Spatial output size of a convolution or pooling: ``floor((H + 2p - d(k-1) - 1) / s) + 1``."""
-    k, s, p, d = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
-    return tuple((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))  # type: ignore[return-value]
+__all__ = ["BinaryConv2d"]
 
 
 class BinaryConv2d(nn.Conv2d):

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .kernels import code_sign, gamma_forward, grad_times_y, masked_grad, sign_code
-from .scale import LearnedScale, ScaleFactor
+from .scale import LearnedScale, ScaleFactor, conv_output_size
 from .sign import centre_weight
 
 __all__ = [
@@ -198,15 +198,6 @@ def can_fuse(conv: _ConvLike) -> bool:
     return conv.binarize_inputs and conv.estimator == "ste" and conv.padding_mode == "zeros" and padding_ints
 
 
-def _output_hw(conv: _ConvLike, x: Tensor) -> tuple[int, int]:
-    k, s, p, d = conv.kernel_size, conv.stride, conv.padding, conv.dilation
-    h, w = x.shape[-2:]
-    return (
-        (h + 2 * p[0] - d[0] * (k[0] - 1) - 1) // s[0] + 1,
-        (w + 2 * p[1] - d[1] * (k[1] - 1) - 1) // s[1] + 1,
-    )
-
-
 def fused_binary_conv_forward(conv: _ConvLike, x: Tensor) -> Tensor:
     """:meth:`BinaryConv2d.forward` through :func:`binary_input_conv2d` (learned ``Gamma`` fused in).
 
@@ -221,8 +212,10 @@ def fused_binary_conv_forward(conv: _ConvLike, x: Tensor) -> Tensor:
         )
     scale = conv.scale_factor
     learned = isinstance(scale, LearnedScale)
-    if learned and scale.out_size is not None and _output_hw(conv, x) != scale.out_size:
-        scale(x.new_empty(0, conv.out_channels, *_output_hw(conv, x)), conv.weight, x)  # raises its error
+    if learned and scale.out_size is not None:
+        out_size = conv_output_size(x.shape[-2:], conv.kernel_size, conv.stride, conv.padding, conv.dilation)
+        if out_size != scale.out_size:
+            scale(x.new_empty(0, conv.out_channels, *out_size), conv.weight, x)  # raises its error
     gamma = scale.gamma_tensor() if learned else None
     inner_bias = conv.bias if conv.scale == "none" else None  # as the unfused path: in the conv
     y = binary_input_conv2d(

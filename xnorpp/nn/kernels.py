@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from .sign import binary_sign
+
 __all__ = [
     "KERNEL_MODES",
     "code_sign",
@@ -37,7 +39,7 @@ KERNEL_MODES: tuple[str, ...] = ("eager", "compiled")
 
 
 def _sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    s = torch.sign(x).add_(0.5).sign_()  # binary_sign: +1 for x >= 0 (and -0.0), else -1
+    s = binary_sign(x)
     code = x.abs().le_(1).add_(1).mul_(s).to(torch.int8)
     return s.to(dtype), code
 

@@ -20,9 +20,12 @@ activation once, so only one activation-sized buffer is kept for backward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.modules.utils import _pair
 
 __all__ = [
     "LEARNED_SCALES",
@@ -34,7 +37,17 @@ __all__ = [
     "XnorScale",
     "build_scale",
     "check_scale",
+    "conv_output_size",
 ]
+
+
+def conv_output_size(
+    size: tuple[int, int], kernel_size: Any, stride: Any = 1, padding: Any = 0, dilation: Any = 1
+) -> tuple[int, int]:
+    """Spatial output size of a convolution or pooling: ``floor((H + 2p - d(k-1) - 1) / s) + 1``."""
+    k, s, p, d = _pair(kernel_size), _pair(stride), _pair(padding), _pair(dilation)
+    return tuple((size[i] + 2 * p[i] - d[i] * (k[i] - 1) - 1) // s[i] + 1 for i in range(2))  # type: ignore[return-value]
+
 
 LEARNED_SCALES: tuple[str, ...] = ("channel", "full", "channel_spatial", "rank1")
 SPATIAL_SCALES: tuple[str, ...] = ("full", "channel_spatial", "rank1")
