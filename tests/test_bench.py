@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from xnorpp.bench import CONFIGS, NaiveRank1Scale, build_config, main, naive_sign, run_isolated
+from xnorpp.bench import CONFIGS, NaiveRank1Scale, build_config, format_table, main, naive_sign, run_isolated
 from xnorpp.nn import BinaryConv2d, sign_ste
 
 TINY = ["--image-size", "16", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--repeats", "1"]
@@ -32,6 +32,7 @@ def test_bench_main_in_process_writes_json_with_expected_keys(tmp_path: Path, ca
     for key in ("img_s_vs_floor", "img_s_vs_naive", "saved_vs_floor", "saved_vs_naive"):
         assert ratios[key] > 0
     assert {"img_s_vs_floor", "img_s_vs_naive"} <= set(result["targets"])
+    assert result["settings"]["int8_conv"] is True and "int8 conv on" in format_table(result)
     # the deterministic companion: the naive net saves its fp32 activations, xnorpp bits
     assert result["configs"]["xnorpp"]["saved_mb"] < result["configs"]["naive"]["saved_mb"]
 
@@ -50,6 +51,7 @@ def test_run_isolated_measures_peaks_in_a_fresh_process() -> None:
     assert res["config"] == "xnorpp" and res["img_s"] > 0
     assert res["peak_rss_mb"] > 0 and res["live_peak_mb"] > 0
     assert res["kernels"] == "compiled"  # the worker compiled the sign kernel (a C++ compiler is here)
+    assert res["int8_conv"] is True  # fp32 on CPU: the forward convs ran as exact int8 convs
 
 
 def test_naive_reference_is_the_same_math() -> None:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import xnorpp  # noqa: F401  (registers the models)
-from xnorpp.nn import BinaryConv2d, conv_output_size, weight_sign
+from xnorpp.nn import BinaryConv2d, conv_output_size, int8_conv, weight_sign
 from xnorpp.nn.fused import binary_input_conv2d, can_fuse, fused_binary_conv_forward, set_fused
 from xnorpp.nn.kernels import code_sign, masked_grad, sign_code
 
@@ -82,8 +82,12 @@ CONV_CASES: list[dict[str, Any]] = [
 ]
 
 
+@pytest.mark.parametrize("int8", [True, False], ids=["int8_conv", "fp32_conv"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
-def test_fused_output_and_gradients_equal_unfused_bit_for_bit(case: dict[str, Any]) -> None:
+def test_fused_output_and_gradients_equal_unfused_bit_for_bit(
+    case: dict[str, Any], int8: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(int8_conv, "_enabled", int8)  # the fused forward conv in int8 (CPU default) or fp32
     conv = make_conv(**case)
     assert conv.fused
     x = make_input((4, 8, H, H))
@@ -253,8 +257,12 @@ def small_resnet(fused: bool) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("int8", [True, False], ids=["int8_conv", "fp32_conv"])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_resnet18_trains_a_step_identically_fused_and_unfused(channels_last: bool) -> None:
+def test_resnet18_trains_a_step_identically_fused_and_unfused(
+    channels_last: bool, int8: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(int8_conv, "_enabled", int8)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=fmt)
     y = torch.tensor([0, 3, 7, 9])

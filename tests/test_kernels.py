@@ -93,7 +93,7 @@ def test_a_failing_compiler_warns_once_and_falls_back_to_identical_eager_results
         return fail
 
     monkeypatch.setattr(torch, "compile", broken)
-    monkeypatch.setattr(kernels, "_compiled", None)
+    monkeypatch.setattr(kernels, "_compiled", {})
     monkeypatch.setattr(kernels, "_failed", None)
     monkeypatch.setattr(kernels, "_mode", "compiled")
     x = planted((2, 4, 5, 5))

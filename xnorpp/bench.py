@@ -6,7 +6,8 @@
 - ``floor``: the same architecture with ``binarization="fp"`` (everything real): the speed and memory a
   binary network should not fall far below / rise far above;
 - ``xnorpp``: ``full_binary`` with the learned rank-1 ``Gamma`` as the library builds it (the fused
-  sign-conv-Gamma node of :mod:`xnorpp.nn.fused`);
+  sign-conv-Gamma node of :mod:`xnorpp.nn.fused`; on CPU in fp32 its forward convs run as exact
+  ``int8`` convs, :mod:`xnorpp.nn.int8_conv`, unless ``--no-int8-conv``);
 - ``naive``: the same math written the plain way, built here by swapping modules: a sign autograd
   Function that saves its fp32 input (backward ``grad * (|x| <= 1)``), the same binary weights, and the
   three rank-1 factors multiplied one after another onto the activation (``y * alpha * beta * gamma``);
@@ -64,6 +65,7 @@ from torch import Tensor, nn
 from .engine.memory import MALLOC_POLICIES, set_malloc_policy, set_malloc_thresholds
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
 from .nn.fused import set_fused
+from .nn.int8_conv import int8_conv_active, int8_conv_enabled, set_int8_conv
 from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
 
 __all__ = [
@@ -254,6 +256,7 @@ class TrainStepRun:
         live_malloc: bool = False,
         malloc: str = "keep",
         kernels: str = "compiled",
+        int8_conv: bool = True,
     ) -> None:
         # glibc's policy before anything is allocated: a memory run makes RSS follow live memory
         self.live = self.cuda = torch.device(device).type == "cuda"
@@ -262,6 +265,7 @@ class TrainStepRun:
         elif not self.cuda:
             set_malloc_policy(malloc)
         set_kernels(kernels)
+        set_int8_conv(int8_conv)
         torch.set_num_threads(threads or available_cores())
         torch.backends.cudnn.benchmark = True  # as the trainer does on CUDA (fixed shapes)
         torch.manual_seed(seed)
@@ -322,6 +326,8 @@ class TrainStepRun:
             "live_peak_mb": float("nan"),
             "saved_mb": float("nan"),
             "kernels": get_kernels(),  # "eager" if compiling failed
+            # whether the binary forward convs ran as exact int8 convs (CPU, fp32, kernel available)
+            "int8_conv": not self.cuda and self.precision == "32" and int8_conv_active(),
         }
         if measure_live_peak or measure_saved:  # one more step, watched by the allocator and/or autograd
             self.opt.zero_grad(set_to_none=True)
@@ -349,7 +355,7 @@ def run_config(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Build configuration ``name`` in this process, run ``warmup + steps`` steps; the result dict."""
-    old_threads, old_kernels = torch.get_num_threads(), get_kernels()
+    old_threads, old_kernels, old_int8 = torch.get_num_threads(), get_kernels(), int8_conv_enabled()
     try:
         run = TrainStepRun(name, image_size, batch_size, **kwargs)
         for _ in range(warmup + steps):
@@ -358,6 +364,7 @@ def run_config(
     finally:
         torch.set_num_threads(old_threads)
         set_kernels(old_kernels)
+        set_int8_conv(old_int8)
 
 
 def _serve(kwargs: dict[str, Any], conn: Connection) -> None:
@@ -450,7 +457,7 @@ def _median(values: Sequence[float]) -> float:
 
 BUILD_KEYS: tuple[str, ...] = (
     "image_size", "batch_size", "num_classes", "stem", "device", "precision", "channels_last", "compile",
-    "threads", "malloc", "kernels",
+    "threads", "malloc", "kernels", "int8_conv",
 )  # fmt: skip
 
 
@@ -562,7 +569,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"{s['device']}, precision {s['precision']}{', channels_last' if s['channels_last'] else ''}"
         f"{', compiled' if s['compile'] else ''}, {s['threads']} threads, "
         f"{'' if cuda else 'malloc ' + str(s.get('malloc', 'system')) + ', '}"
-        f"{s.get('kernels', 'eager')} kernels: {s['steps']} timed steps after "
+        f"{s.get('kernels', 'eager')} kernels{'' if cuda else ', int8 conv ' + ('on' if s.get('int8_conv') else 'off')}: "
+        f"{s['steps']} timed steps after "
         f"{s['warmup']} warm-up, median of {s['repeats']} rounds\n\n"
     )
     cols = [("img/s", "img_s", 2)] + [
@@ -624,6 +632,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--kernels", choices=KERNEL_MODES, default="compiled",
         help="the binary layers' sign kernel, as trainer.kernels (default compiled)",
     )  # fmt: skip
+    p.add_argument(
+        "--no-int8-conv", dest="int8_conv", action="store_false",
+        help="binary forward convs in fp32 instead of exact int8 on CPU, as trainer.int8_conv=false",
+    )  # fmt: skip
     p.add_argument("--configs", nargs="+", choices=CONFIGS, default=list(DEFAULT_CONFIGS))
     p.add_argument(
         "--in-process", action="store_true", help="no worker processes (CPU peaks then unreliable)"
@@ -644,7 +656,7 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
     settings.update(
         preset=preset, device=args.device, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads or available_cores(), in_process=args.in_process,
-        malloc=args.malloc, kernels=args.kernels, memory_pass=args.memory_pass,
+        malloc=args.malloc, kernels=args.kernels, int8_conv=args.int8_conv, memory_pass=args.memory_pass,
     )  # fmt: skip
     return settings
 

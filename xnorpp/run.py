@@ -39,6 +39,7 @@ from .engine.memory import set_malloc_policy
 from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
+from .nn.int8_conv import int8_conv_active, set_int8_conv
 from .nn.kernels import get_kernels, set_kernels
 from .track import WandbTracker, write_results
 
@@ -85,8 +86,13 @@ def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
 
 
 def _apply_speed_settings(cfg: DictConfig, device: torch.device) -> None:
-    """``trainer.kernels`` and, on CPU, ``trainer.malloc`` (before the big allocations: the policy
-    applies to memory mapped later); a wrong value names the key and the valid choices."""
+    """``trainer.kernels``, ``trainer.int8_conv`` and, on CPU, ``trainer.malloc`` (before the big
+    allocations: the policy applies to memory mapped later); a wrong value names the key and the valid
+    choices."""
+    int8 = cfg.trainer.int8_conv
+    if not isinstance(int8, bool):
+        raise ValueError(f"trainer.int8_conv must be true or false, got {int8!r}")
+    set_int8_conv(int8)
     for key, apply in (("kernels", set_kernels), ("malloc", set_malloc_policy)):
         if key == "malloc" and device.type != "cpu":
             continue
@@ -492,4 +498,6 @@ def _fit_or_eval(
         "history": history,
         "accuracy_unit": "percent",
         "kernels": get_kernels(),  # "eager" if trainer.kernels=compiled could not compile
+        # binary forward convs as exact int8 convs: CPU, fp32, kernel available (xnorpp.nn.int8_conv)
+        "int8_conv": device.type == "cpu" and precision == "32" and int8_conv_active(),
     }

@@ -1,6 +1,7 @@
 """Binary building blocks: sign functions with straight-through estimators, scale factors, BinaryConv2d."""
 
 from .conv import BinaryConv2d
+from .int8_conv import int8_conv_active, int8_conv_enabled, set_int8_conv
 from .kernels import KERNEL_MODES, get_kernels, set_kernels
 from .scale import (
     LEARNED_SCALES,
@@ -43,6 +44,9 @@ __all__ = [
     "get_estimator",
     "get_kernels",
     "identity_sign",
+    "int8_conv_active",
+    "int8_conv_enabled",
+    "set_int8_conv",
     "set_kernels",
     "sign_ste",
     "weight_sign",

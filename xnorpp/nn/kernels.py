@@ -33,15 +33,25 @@ __all__ = [
     "masked_grad",
     "set_kernels",
     "sign_code",
+    "sign_code_u8",
 ]
 
 KERNEL_MODES: tuple[str, ...] = ("eager", "compiled")
 
 
+def _code(x: Tensor, s: Tensor) -> Tensor:
+    return x.abs().le_(1).add_(1).mul_(s).to(torch.int8)
+
+
 def _sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     s = binary_sign(x)
-    code = x.abs().le_(1).add_(1).mul_(s).to(torch.int8)
-    return s.to(dtype), code
+    return s.to(dtype), _code(x, s)
+
+
+def _sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
+    s = binary_sign(x)
+    code = _code(x, s)
+    return s.add_(1).to(torch.uint8), code
 
 
 def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -55,7 +65,7 @@ def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
 
 _RECOMPILE_LIMIT = 64
 _mode = "eager"
-_compiled: Callable[[Tensor, torch.dtype], tuple[Tensor, Tensor]] | None = None
+_compiled: dict[Callable[..., tuple[Tensor, Tensor]], Callable[..., tuple[Tensor, Tensor]]] = {}
 _failed: str | None = None  # why compiling failed, once it has
 
 
@@ -72,23 +82,18 @@ def get_kernels() -> str:
     return "compiled" if _mode == "compiled" and _failed is None else "eager"
 
 
-def sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """``(sign(x) in dtype, code)``: ``+1`` where ``x >= 0`` (``-0.0`` too) else ``-1``, and the ``int8``
-    code ``sign * (1 + window)``, ``window = 1`` where ``-1 <= x <= 1``: ``-2, -1, +1, +2``.
-
-    The code's sign is the binary value (:func:`code_sign`), its magnitude the STE window
-    (:func:`masked_grad`). Inside a ``torch.compile``'d model the eager ops are traced (and fused) instead.
-    """
-    global _compiled, _failed
+def _run(kernel: Callable[..., tuple[Tensor, Tensor]], x: Tensor, *args: object) -> tuple[Tensor, Tensor]:
+    """``kernel(x, *args)``, compiled when the mode says so (falling back to eager on any failure)."""
+    global _failed
     if _mode == "compiled" and _failed is None and not torch.compiler.is_compiling():
-        if _compiled is None:
-            _compiled = torch.compile(_sign_code, dynamic=True, fullgraph=True)
+        if kernel not in _compiled:
+            _compiled[kernel] = torch.compile(kernel, dynamic=True, fullgraph=True)
         try:
             flat, unflatten = _flat(x.detach())  # one compiled graph for every shape and layout
             # a graph per device, dtype pair and size-1 base: more than dynamo's default limit of 8
             with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
-                s, code = _compiled(flat, dtype)
-            return unflatten(s), unflatten(code)
+                a, b = _compiled[kernel](flat, *args)
+            return unflatten(a), unflatten(b)
         except Exception as e:  # any compiler failure: fall back, never stop training
             first_line = (str(e).strip().splitlines() or [""])[0]
             _failed = f"{type(e).__name__}: {first_line}"
@@ -97,9 +102,25 @@ def sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
                 "(same results, slower on CPU). Install a C++ compiler (CPU) or Triton (CUDA), or set "
                 "trainer.kernels=eager (xnorpp.nn.set_kernels('eager')) to skip compiling.",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-    return _sign_code(x, dtype)
+    return kernel(x, *args)
+
+
+def sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(sign(x) in dtype, code)``: ``+1`` where ``x >= 0`` (``-0.0`` too) else ``-1``, and the ``int8``
+    code ``sign * (1 + window)``, ``window = 1`` where ``-1 <= x <= 1``: ``-2, -1, +1, +2``.
+
+    The code's sign is the binary value (:func:`code_sign`), its magnitude the STE window
+    (:func:`masked_grad`). Inside a ``torch.compile``'d model the eager ops are traced (and fused) instead.
+    """
+    return _run(_sign_code, x, dtype)
+
+
+def sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sign(x) + 1 as uint8, code)``: ``0`` or ``2``, the input of the ``int8`` conv
+    (:mod:`xnorpp.nn.int8_conv`, zero point 1), and the code of :func:`sign_code`, in one pass."""
+    return _run(_sign_code_u8, x)
 
 
 def code_sign(code: Tensor, dtype: torch.dtype) -> Tensor:
