@@ -70,6 +70,38 @@ def test_compiled_sign_code_is_bit_identical_to_eager_and_keeps_the_layout(
     assert s.stride() == x.stride() and code.stride() == x.stride()  # channels-last stays channels-last
 
 
+def test_compiled_kernels_take_views_with_offsets_and_the_uint8_variant(compiled: None) -> None:
+    base = planted((4, 8, 9, 9))
+    for x in (base[1:3], base[:, :, 1:, 2:], base.contiguous(memory_format=torch.channels_last)[2:]):
+        s, code = kernels.sign_code(x, torch.float32)
+        u, code_u = kernels.sign_code_u8(x)
+        ref_s, ref_code = reference(x)
+        assert torch.equal(s, ref_s) and torch.equal(code, ref_code) and torch.equal(code_u, ref_code)
+        assert u.dtype == torch.uint8 and torch.equal(u, (ref_s + 1).to(torch.uint8))  # 0 or 2
+    assert kernels.get_kernels() == "compiled"
+
+
+def test_warm_up_compiles_every_kernel_a_model_needs_without_touching_the_rng(compiled: None) -> None:
+    from torch._dynamo.utils import counters
+
+    from xnorpp.nn.fused import binary_input_conv2d, warm_up_fused
+
+    torch._dynamo.reset()  # forget earlier tests' graphs: the warm-up must compile them
+    rng = torch.get_rng_state()
+    warm_up_fused("cpu")
+    assert torch.equal(torch.get_rng_state(), rng)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs >= 2  # the input's and the weight's kernels
+    for cin, cout, size, cl in [(8, 8, 9, False), (16, 32, 5, True), (64, 64, 1, False), (3, 5, 7, False)]:
+        x = planted((2, cin, size, size)).requires_grad_()
+        if cl:
+            x = x.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = torch.randn(cout, cin, 3, 3, requires_grad=True)
+        gamma = torch.ones(cout, 1, 1, requires_grad=True)
+        binary_input_conv2d(x, w, None, gamma, (1, 1), (1, 1), (1, 1), 1, True, True).sum().backward()
+    assert counters["stats"]["unique_graphs"] == graphs  # no compilation (or recompilation) after it
+
+
 def test_kernels_in_a_bf16_input_map_rounded_zeros_to_plus_one() -> None:
     x = torch.tensor([1e-30, -1e-30, 0.0, -0.5], dtype=torch.bfloat16)  # +-1e-30 survive in bf16
     s, code = kernels.sign_code(x, torch.bfloat16)

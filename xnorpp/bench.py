@@ -23,7 +23,9 @@ the rounds; ratios ``X / floor`` and ``X / naive`` are medians of per-pair ratio
 - img/s: ``batch / median step time`` over ``--steps`` timed steps after ``--warmup`` steps; its ratios
   are medians over the pairs of timed steps taken back to back;
 - peak RSS MB (CPU): ``ru_maxrss`` after the timed steps minus the resident set (``/proc/self/statm``)
-  just before the first step, model, optimizer and batch already built. ``ru_maxrss`` is a per-process
+  just before the first step, model, optimizer and batch already built and the binary layers' kernels
+  compiled (:func:`~xnorpp.nn.fused.warm_up_fused`, as the trainer does; that resident set is
+  ``built_mb`` in the JSON). ``ru_maxrss`` is a per-process
   high-water mark, hence one process per run. With glibc's default ``malloc`` it includes freed heap
   memory that is not handed back to the OS (fragmentation), which depends on the allocation pattern
   as much as on the model. On CUDA: ``max_memory_allocated`` minus ``memory_allocated`` before;
@@ -62,9 +64,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .engine.loop import PRECISIONS
 from .engine.memory import MALLOC_POLICIES, set_malloc_policy, set_malloc_thresholds
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
-from .nn.fused import set_fused
+from .nn.fused import set_fused, warm_up_fused
 from .nn.int8_conv import int8_conv_active, int8_conv_enabled, set_int8_conv
 from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
 
@@ -273,6 +276,8 @@ class TrainStepRun:
         self.dev = torch.device(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_config(name, image_size, num_classes, stem).to(self.dev, memory_format=fmt).train()
+        if any(getattr(m, "fused", False) for m in self.model.modules()):  # as the trainer does
+            warm_up_fused(self.dev, PRECISIONS.get(precision))
         self.forward: Callable[[Tensor], Tensor] = torch.compile(self.model) if compile else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.scaler = torch.amp.GradScaler(self.dev.type, enabled=precision == "16")
@@ -281,7 +286,7 @@ class TrainStepRun:
         )
         self.target = torch.randint(0, num_classes, (batch_size,), device=self.dev)
         self.times: list[float] = []
-        self.base = self._base_memory()
+        self.base = self.built = self._base_memory()
 
     def _base_memory(self) -> int:
         if self.cuda:
@@ -323,6 +328,8 @@ class TrainStepRun:
             "step_s": times,
             "img_s": self.batch_size / statistics.median(times) if times else float("nan"),
             "peak_rss_mb": self._peak_mb(),
+            # the built process (model, optimizer, batch, compiled kernels) the peaks are measured above
+            "built_mb": self.built / MB,
             "live_peak_mb": float("nan"),
             "saved_mb": float("nan"),
             "kernels": get_kernels(),  # "eager" if compiling failed
@@ -531,6 +538,7 @@ def bench_setting(
             "step_s_rounds": [r["step_s"] for r in rs],
             "peak_rss_mb_rounds": [r["peak_rss_mb"] for r in rs],
             "saved_mb_by_dtype": rs[0].get("saved_mb_by_dtype", {}),
+            "built_mb": _median([r["built_mb"] for r in rs]),
         }
         for name, rs in runs.items()
     }

@@ -35,10 +35,12 @@ from .engine.checkpoint import (
 from .engine.distributed import DistInfo, barrier, init_distributed
 from .engine.health import BinarizationHealth
 from .engine.loaders import build_loaders
+from .engine.loop import PRECISIONS
 from .engine.memory import set_malloc_policy
 from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
+from .nn.fused import warm_up_fused
 from .nn.int8_conv import int8_conv_active, set_int8_conv
 from .nn.kernels import get_kernels, set_kernels
 from .track import WandbTracker, write_results
@@ -231,6 +233,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
+    if any(getattr(m, "fused", False) for m in model.modules()):
+        # compile the sign kernels now: no compile in the first step, no compiler memory amid activations
+        warm_up_fused(device, PRECISIONS.get(str(cfg.trainer.precision)))
 
     train_loader, val_loader, sampler = build_loaders(
         train_ds, val_ds, batch_size=int(loader_cfg["batch_size"]), num_workers=int(loader_cfg["num_workers"] or 0),

@@ -55,12 +55,21 @@ def _sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
-    """``x`` as a 1-d view of its memory (contiguous or channels-last), and how to shape a result back."""
+    """``x``'s memory as a 1-d tensor (contiguous or channels-last ``x``), and how to shape a result back.
+
+    The 1-d tensor is a plain alias of the storage, not a view: a view would carry ``x`` as its
+    ``_base``, whose shape and strides ``torch.compile`` guards on (one recompilation per shape).
+    """
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         n, c, h, w = x.shape
-        return x.permute(0, 2, 3, 1).reshape(-1), lambda t: t.view(n, h, w, c).permute(0, 3, 1, 2)
-    shape = x.shape
-    return x.reshape(-1), lambda t: t.view(shape)
+        unflatten: Callable[[Tensor], Tensor] = lambda t: t.view(n, h, w, c).permute(0, 3, 1, 2)  # noqa: E731
+    else:
+        if not x.is_contiguous():
+            x = x.contiguous()
+        shape = x.shape
+        unflatten = lambda t: t.view(shape)  # noqa: E731
+    flat = x.new_empty(0).set_(x.untyped_storage(), x.storage_offset(), (x.numel(),), (1,))
+    return flat, unflatten
 
 
 _RECOMPILE_LIMIT = 64
