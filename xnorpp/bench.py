@@ -24,7 +24,7 @@ the rounds; ratios ``X / floor`` and ``X / naive`` are medians of per-pair ratio
   are medians over the pairs of timed steps taken back to back;
 - peak RSS MB (CPU): ``ru_maxrss`` after the timed steps minus the resident set (``/proc/self/statm``)
   just before the first step, model, optimizer and batch already built and the binary layers' kernels
-  compiled (:func:`~xnorpp.nn.fused.warm_up_fused`, as the trainer does; that resident set is
+  compiled (:func:`~xnorpp.nn.fused.warm_up_fused`, as the trainer does on CPU; that resident set is
   ``built_mb`` in the JSON). ``ru_maxrss`` is a per-process
   high-water mark, hence one process per run. With glibc's default ``malloc`` it includes freed heap
   memory that is not handed back to the OS (fragmentation), which depends on the allocation pattern
@@ -276,7 +276,7 @@ class TrainStepRun:
         self.dev = torch.device(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_config(name, image_size, num_classes, stem).to(self.dev, memory_format=fmt).train()
-        if any(getattr(m, "fused", False) for m in self.model.modules()):  # as the trainer does
+        if not self.cuda and any(getattr(m, "fused", False) for m in self.model.modules()):  # as train()
             warm_up_fused(self.dev, PRECISIONS.get(precision))
         self.forward: Callable[[Tensor], Tensor] = torch.compile(self.model) if compile else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)

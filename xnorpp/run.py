@@ -233,7 +233,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    if any(getattr(m, "fused", False) for m in model.modules()):
+    if device.type == "cpu" and any(getattr(m, "fused", False) for m in model.modules()):
         # compile the sign kernels now: no compile in the first step, no compiler memory amid activations
         warm_up_fused(device, PRECISIONS.get(str(cfg.trainer.precision)))
 

@@ -134,7 +134,7 @@ def sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def code_sign(code: Tensor, dtype: torch.dtype) -> Tensor:
     """The ``+-1`` tensor a :func:`sign_code` code holds, in ``dtype``."""
-    return code.clamp(-1, 1).to(dtype)
+    return code.to(dtype).clamp_(-1, 1)
 
 
 def masked_grad(grad: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
