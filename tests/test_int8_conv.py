@@ -38,7 +38,8 @@ def _restore_switch(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_kernel_is_available_in_the_pinned_torch_build() -> None:
     assert int8_conv.int8_conv_active()
-    assert int8_conv.int8_conv_applies(torch.zeros(1, 1, 3, 3), torch.float32)
+    w = torch.zeros(2, 1, 3, 3)
+    assert int8_conv.int8_conv_applies(torch.zeros(1, 1, 3, 3), w, torch.float32, (1, 1), 1, None)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
@@ -90,14 +91,40 @@ def test_fused_node_with_int8_conv_is_bit_identical_and_keeps_the_layout(
         assert torch.equal(a, b)
 
 
-def test_bias_is_added_after_the_exact_sum_within_one_rounding() -> None:
+def test_a_bias_keeps_the_fp32_conv_so_the_output_stays_bit_identical() -> None:
     case = CASES[0]
     x = torch.randn(2, 16, 9, 9, generator=torch.Generator().manual_seed(2)) * 1.5
     w = torch.randn(32, 16, 3, 3, generator=torch.Generator().manual_seed(3))
+    calls = int8_conv.int8_conv_calls()
     fast, slow = fused_run(x, w, case, int8=True, bias=True), fused_run(x, w, case, int8=False, bias=True)
-    torch.testing.assert_close(fast[0], slow[0], rtol=0, atol=1e-5)  # one ulp of sums up to 144
-    for a, b in zip(fast[1:], slow[1:], strict=True):
-        assert torch.equal(a, b)  # backward does not depend on the forward conv
+    assert int8_conv.int8_conv_calls() == calls  # the fp32 conv adds the bias inside its sum
+    for a, b in zip(fast, slow, strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("shape", "error"),
+    [((8, 9, 9), None),  # unbatched: as nn.Conv2d
+     ((2, 16, 9, 9), "expected input.*to have 8 channels"),
+     ((2, 8, 2, 2), "Kernel size can't be greater than actual input size")],
+)  # fmt: skip
+def test_shapes_the_int8_conv_does_not_take_behave_as_the_fp32_conv(
+    shape: tuple[int, ...], error: str | None
+) -> None:
+    from xnorpp.nn import BinaryConv2d
+
+    conv = BinaryConv2d(8, 6, 3, padding=1 if error is None else 0, bias=False, scale="channel")
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    calls = int8_conv.int8_conv_calls()
+    if error is not None:
+        with pytest.raises(RuntimeError, match=error):
+            conv(x)
+    else:
+        int8_conv.set_int8_conv(False)
+        want = conv(x)
+        int8_conv.set_int8_conv(True)
+        assert torch.equal(conv(x), want) and want.shape == (6, 9, 9)
+    assert int8_conv.int8_conv_calls() == calls
 
 
 def count_int8_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -115,6 +142,7 @@ def count_int8_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 def test_int8_conv_runs_only_for_fp32_cpu_binary_weights_and_when_switched_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    assert int8_conv.int8_conv_active()  # probed before counting (the probe runs the kernel too)
     calls = count_int8_calls(monkeypatch)
     x, w = torch.randn(2, 8, 6, 6), torch.randn(4, 8, 3, 3)
 
@@ -163,3 +191,28 @@ def test_a_broken_kernel_warns_once_and_falls_back_to_the_fp32_conv(
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # probed once: no second warning
         fused_run(x, w, case, int8=True)
+
+
+def test_threads_wait_for_the_probe_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+    import time
+
+    def slow_failing_probe() -> str:
+        time.sleep(0.3)
+        return "RuntimeError: broken"
+
+    monkeypatch.setattr(int8_conv, "_probe", slow_failing_probe)
+    monkeypatch.setattr(int8_conv, "_probed", False)
+    monkeypatch.setattr(int8_conv, "_unavailable", None)
+    verdicts: list[bool] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        threads = [
+            threading.Thread(target=lambda: verdicts.append(int8_conv.int8_conv_active())) for _ in range(3)
+        ]
+        for t in threads:
+            t.start()
+            time.sleep(0.05)  # the later threads arrive while the first one probes
+        for t in threads:
+            t.join()
+    assert verdicts == [False, False, False]

@@ -68,7 +68,7 @@ from .engine.loop import PRECISIONS
 from .engine.memory import MALLOC_POLICIES, set_malloc_policy, set_malloc_thresholds
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
 from .nn.fused import set_fused, warm_up_fused
-from .nn.int8_conv import int8_conv_active, int8_conv_enabled, set_int8_conv
+from .nn.int8_conv import int8_conv_calls, int8_conv_enabled, set_int8_conv
 from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
 
 __all__ = [
@@ -276,7 +276,9 @@ class TrainStepRun:
         self.dev = torch.device(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_config(name, image_size, num_classes, stem).to(self.dev, memory_format=fmt).train()
-        if not self.cuda and any(getattr(m, "fused", False) for m in self.model.modules()):  # as train()
+        if (
+            not self.cuda and not compile and any(getattr(m, "fused", False) for m in self.model.modules())
+        ):  # as train()
             warm_up_fused(self.dev, PRECISIONS.get(precision))
         self.forward: Callable[[Tensor], Tensor] = torch.compile(self.model) if compile else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
@@ -286,6 +288,7 @@ class TrainStepRun:
         )
         self.target = torch.randint(0, num_classes, (batch_size,), device=self.dev)
         self.times: list[float] = []
+        self.int8_calls = int8_conv_calls()
         self.base = self.built = self._base_memory()
 
     def _base_memory(self) -> int:
@@ -334,7 +337,7 @@ class TrainStepRun:
             "saved_mb": float("nan"),
             "kernels": get_kernels(),  # "eager" if compiling failed
             # whether the binary forward convs ran as exact int8 convs (CPU, fp32, kernel available)
-            "int8_conv": not self.cuda and self.precision == "32" and int8_conv_active(),
+            "int8_conv": int8_conv_calls() > self.int8_calls,
         }
         if measure_live_peak or measure_saved:  # one more step, watched by the allocator and/or autograd
             self.opt.zero_grad(set_to_none=True)

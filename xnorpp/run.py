@@ -41,7 +41,7 @@ from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
 from .nn.fused import warm_up_fused
-from .nn.int8_conv import int8_conv_active, set_int8_conv
+from .nn.int8_conv import int8_conv_calls, set_int8_conv
 from .nn.kernels import get_kernels, set_kernels
 from .track import WandbTracker, write_results
 
@@ -233,7 +233,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    if device.type == "cpu" and any(getattr(m, "fused", False) for m in model.modules()):
+    if (
+        device.type == "cpu"
+        and not cfg.trainer.compile
+        and any(getattr(m, "fused", False) for m in model.modules())
+    ):
         # compile the sign kernels now: no compile in the first step, no compiler memory amid activations
         warm_up_fused(device, PRECISIONS.get(str(cfg.trainer.precision)))
 
@@ -400,6 +404,7 @@ def _fit_or_eval(
     epochs: int,
 ) -> dict[str, Any]:
     tcfg = cfg.trainer
+    int8_calls = int8_conv_calls()
     precision = str(tcfg.precision)
     val_limit = int(tcfg.limit_val_batches) if tcfg.limit_val_batches else None
     if not cfg.train:
@@ -503,6 +508,6 @@ def _fit_or_eval(
         "history": history,
         "accuracy_unit": "percent",
         "kernels": get_kernels(),  # "eager" if trainer.kernels=compiled could not compile
-        # binary forward convs as exact int8 convs: CPU, fp32, kernel available (xnorpp.nn.int8_conv)
-        "int8_conv": device.type == "cpu" and precision == "32" and int8_conv_active(),
+        # whether binary forward convs ran as exact int8 convs (CPU, fp32, not compiled; xnorpp.nn.int8_conv)
+        "int8_conv": int8_conv_calls() > int8_calls,
     }

@@ -16,7 +16,7 @@ four autograd nodes (centring, sign) that keep their own copies. :class:`BinaryI
 - when ``Gamma`` is fused and the weights are binary, ``y`` as ``int16``: ``y`` is then an exact integer
   sum of ``+-1`` products with ``|y| <= C_in/groups * kh * kw`` (4608 in ResNet-18), stored losslessly.
 
-On CPU in fp32, with binary weights, the forward conv runs as an exact ``int8`` conv
+On CPU in fp32, with binary weights and no bias, the forward conv runs as an exact ``int8`` conv
 (:mod:`xnorpp.nn.int8_conv`, 1.8-3x faster than the fp32 conv, same values): the input is then coded
 once into a ``uint8`` conv operand and the saved ``int8`` code in one pass (:func:`sign_code_u8`).
 
@@ -119,12 +119,15 @@ class BinaryInputConv2dFn(torch.autograd.Function):
         if bias is not None and gamma is not None:
             raise ValueError("pass either bias (added inside the conv) or gamma, not both")
         dtype = _compute_dtype(x)
-        if binarize_weight and int8_conv_applies(x, dtype):  # exact int8 conv, fp32 result
-            xu, code = sign_code_u8(x)
+        out_size = (
+            conv_output_size(x.shape[-2:], weight.shape[-2:], stride, padding, dilation)
+            if x.dim() == 4
+            else ()
+        )
+        if binarize_weight and int8_conv_applies(x, weight, dtype, out_size, groups, bias):
+            xu, code = sign_code_u8(x)  # exact int8 conv, fp32 result
             w, saved_w = sign_code(centre_weight(weight) if centre else weight, torch.int8)
             y = binary_conv2d_int8(xu, w, stride, padding, dilation, groups, _memory_format(x))
-            if bias is not None:
-                y = y.add_(bias.to(dtype).view(-1, *[1] * (y.dim() - 2)))
             del xu, w
         else:
             xb, code = sign_code(x, dtype)

@@ -22,6 +22,7 @@ Backward is unchanged: the gradients need real-valued ``grad_output`` and run in
 
 from __future__ import annotations
 
+import threading
 import warnings
 
 import torch
@@ -32,6 +33,7 @@ __all__ = [
     "binary_conv2d_int8",
     "int8_conv_active",
     "int8_conv_applies",
+    "int8_conv_calls",
     "int8_conv_enabled",
     "set_int8_conv",
 ]
@@ -39,6 +41,8 @@ __all__ = [
 _enabled = True
 _unavailable: str | None = None  # why the kernel cannot be used, once the probe failed
 _probed = False
+_probe_lock = threading.Lock()
+_calls = 0  # int8 convs run in this process
 
 
 def set_int8_conv(enabled: bool) -> None:
@@ -62,12 +66,21 @@ def _conv(
     dilation: tuple[int, ...],
     groups: int,
 ) -> Tensor:
+    cpu = u.device  # never the default device (torch.set_default_device)
     packed = torch.ops.onednn.qconv_prepack(
-        w, torch.ones(1), 1.0, 1, list(stride), list(padding), list(dilation), groups, list(u.shape)
+        w,
+        torch.ones(1, device=cpu),
+        1.0,
+        1,
+        list(stride),
+        list(padding),
+        list(dilation),
+        groups,
+        list(u.shape),
     )
     c_out = w.shape[0]
     return torch.ops.onednn.qconv2d_pointwise(
-        u, 1.0, 1, packed, torch.ones(c_out), torch.zeros(c_out, dtype=torch.long), None,
+        u, 1.0, 1, packed, torch.ones(c_out, device=cpu), torch.zeros(c_out, dtype=torch.long, device=cpu), None,
         list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
 
@@ -76,8 +89,8 @@ def _probe() -> str | None:
     """``None`` if the int8 conv matches the fp32 conv on a small strided, padded, grouped case."""
     try:
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(2, 8, 9, 9, generator=gen).sign_()
-        w = torch.randn(6, 4, 3, 3, generator=gen).sign_()
+        x = torch.randn(2, 8, 9, 9, generator=gen, device="cpu").sign_()
+        w = torch.randn(6, 4, 3, 3, generator=gen, device="cpu").sign_()
         args = ((2, 2), (1, 1), (1, 1), 2)
         got = _conv(x.add(1).to(torch.uint8), w.to(torch.int8), *args)
         want = F.conv2d(x, w, None, *args)
@@ -95,8 +108,11 @@ def int8_conv_active() -> bool:
     if not _enabled:
         return False
     if not _probed:
-        _probed = True
-        _unavailable = _probe()
+        with _probe_lock:  # other threads wait for the verdict
+            if _probed:
+                return _unavailable is None
+            _unavailable = _probe()
+            _probed = True
         if _unavailable is not None:
             warnings.warn(
                 f"the exact int8 binary conv is unavailable ({_unavailable}); using the fp32 conv (same "
@@ -108,12 +124,28 @@ def int8_conv_active() -> bool:
     return _unavailable is None
 
 
-def int8_conv_applies(x: Tensor, dtype: torch.dtype) -> bool:
-    """Whether a binary conv of ``x`` computed in ``dtype`` runs as the ``int8`` conv: fp32 on CPU,
-    outside ``torch.compile`` tracing (the compiled model keeps the float conv it can fuse)."""
+def int8_conv_calls() -> int:
+    """How many ``int8`` convs this process has run (to tell whether a run used them)."""
+    return _calls
+
+
+def int8_conv_applies(
+    x: Tensor, weight: Tensor, dtype: torch.dtype, out_size: tuple[int, ...], groups: int, bias: Tensor | None
+) -> bool:
+    """Whether a binary conv of ``x`` with ``weight`` in ``dtype`` runs as the ``int8`` conv: a batched
+    4-d fp32 input on CPU whose channels match ``weight`` and ``groups``, a non-empty output, no bias (the
+    fp32 conv adds it inside its sum, so only there is the result the fp32 conv's bit for bit), outside
+    ``torch.compile`` tracing (the compiled model keeps the float conv it can fuse). Anything else takes
+    the fp32 conv, which also raises PyTorch's errors for wrong shapes."""
     return (
         x.device.type == "cpu"
         and dtype == torch.float32
+        and bias is None
+        and x.dim() == 4
+        and weight.dim() == 4
+        and x.shape[1] == weight.shape[1] * groups
+        and weight.shape[0] % groups == 0
+        and min(out_size, default=0) > 0
         and not torch.compiler.is_compiling()
         and int8_conv_active()
     )
@@ -132,4 +164,6 @@ def binary_conv2d_int8(
 
     oneDNN returns channels-last; the result is returned in ``memory_format``.
     """
+    global _calls
+    _calls += 1
     return _conv(u, w, stride, padding, dilation, groups).contiguous(memory_format=memory_format)

@@ -60,6 +60,7 @@ def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     The 1-d tensor is a plain alias of the storage, not a view: a view would carry ``x`` as its
     ``_base``, whose shape and strides ``torch.compile`` guards on (one recompilation per shape).
     """
+    x = x.resolve_neg()  # the alias reads memory as stored: a lazily negated view must be resolved
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         n, c, h, w = x.shape
         unflatten: Callable[[Tensor], Tensor] = lambda t: t.view(n, h, w, c).permute(0, 3, 1, 2)  # noqa: E731
