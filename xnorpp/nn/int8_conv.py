@@ -66,22 +66,13 @@ def _conv(
     dilation: tuple[int, ...],
     groups: int,
 ) -> Tensor:
-    cpu = u.device  # never the default device (torch.set_default_device)
-    packed = torch.ops.onednn.qconv_prepack(
-        w,
-        torch.ones(1, device=cpu),
-        1.0,
-        1,
-        list(stride),
-        list(padding),
-        list(dilation),
-        groups,
-        list(u.shape),
-    )
-    c_out = w.shape[0]
+    """oneDNN's ``uint8 x int8`` conv (input zero point 1, all scales 1) with an fp32 result."""
+    conv = (list(stride), list(padding), list(dilation), groups)
+    cpu, c_out = u.device, w.shape[0]  # never the default device (torch.set_default_device)
+    packed = torch.ops.onednn.qconv_prepack(w, torch.ones(1, device=cpu), 1.0, 1, *conv, list(u.shape))
     return torch.ops.onednn.qconv2d_pointwise(
         u, 1.0, 1, packed, torch.ones(c_out, device=cpu), torch.zeros(c_out, dtype=torch.long, device=cpu), None,
-        list(stride), list(padding), list(dilation), groups, 1.0, 0, torch.float32, "none", [], "",
+        *conv, 1.0, 0, torch.float32, "none", [], "",
     )  # fmt: skip
 
 
