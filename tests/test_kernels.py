@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from xnorpp.engine.memory import MALLOC_POLICIES, set_malloc_policy
+from xnorpp.engine.memory import MALLOC_POLICIES, find_jemalloc, set_malloc_policy
 from xnorpp.nn import binary_sign, kernels
 
 
@@ -147,11 +147,44 @@ def test_a_failing_compiler_warns_once_and_falls_back_to_identical_eager_results
 def test_unknown_modes_list_the_valid_choices() -> None:
     with pytest.raises(ValueError, match="valid choices: eager, compiled"):
         kernels.set_kernels("triton")
-    with pytest.raises(ValueError, match="valid choices: keep, system"):
+    with pytest.raises(ValueError, match="valid choices: keep, system, jemalloc"):
         set_malloc_policy("tcmalloc")
 
 
 def test_malloc_policies_apply_on_this_linux_machine() -> None:
-    assert MALLOC_POLICIES == ("keep", "system")
+    assert MALLOC_POLICIES == ("keep", "system", "jemalloc")
     assert set_malloc_policy("system") is True
     assert set_malloc_policy("keep") is True  # glibc's mallopt accepted both parameters
+
+
+def test_jemalloc_policy_without_the_preload_names_the_command() -> None:
+    from xnorpp.engine.memory import jemalloc_loaded
+
+    if jemalloc_loaded():
+        pytest.skip("this pytest process runs on a preloaded jemalloc")
+    with pytest.raises(ValueError, match=r"needs jemalloc loaded when the process starts: .*LD_PRELOAD="):
+        set_malloc_policy("jemalloc")
+
+
+@pytest.mark.skipif(
+    find_jemalloc() is None, reason="libjemalloc is not installed (apt-get install libjemalloc2)"
+)
+def test_jemalloc_policy_under_the_preload_keeps_pages_and_trains() -> None:
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import ctypes, torch, timm, xnorpp\n"
+        "from xnorpp.engine.memory import jemalloc_loaded, set_malloc_policy\n"
+        "assert jemalloc_loaded() and set_malloc_policy('jemalloc')\n"
+        "v, n = ctypes.c_ssize_t(0), ctypes.c_size_t(8)\n"
+        "assert ctypes.CDLL(None).mallctl(b'arenas.dirty_decay_ms', ctypes.byref(v), ctypes.byref(n), None, 0) == 0\n"
+        "assert v.value == -1, v.value\n"
+        "m = timm.create_model('resnet18_preact_bin', binarization='full_binary', num_classes=3, input_size=16)\n"
+        "m(torch.randn(2, 3, 16, 16)).sum().backward()\n"
+        "print('ok')\n"
+    )
+    env = {**os.environ, "LD_PRELOAD": str(find_jemalloc())}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]

@@ -132,7 +132,8 @@ def test_bad_scale_name_lists_valid_choices(make_cfg) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [("trainer.kernels=fast", "trainer.kernels: .*valid choices: eager, compiled"),
-     ("trainer.malloc=jemalloc", "trainer.malloc: .*valid choices: keep, system"),
+     ("trainer.malloc=tcmalloc", "trainer.malloc: .*valid choices: keep, system, jemalloc"),
+     ("trainer.malloc=jemalloc", "trainer.malloc: .*needs jemalloc loaded when the process starts"),
      ("trainer.int8_conv=maybe", "trainer.int8_conv must be true or false, got 'maybe'")],
 )  # fmt: skip
 def test_bad_speed_setting_names_the_key_and_the_choices(make_cfg, override: str, message: str) -> None:

@@ -65,7 +65,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .engine.loop import PRECISIONS
-from .engine.memory import MALLOC_POLICIES, set_malloc_policy, set_malloc_thresholds
+from .engine.memory import (
+    MALLOC_POLICIES,
+    jemalloc_loaded,
+    set_jemalloc_decay,
+    set_malloc_policy,
+    set_malloc_thresholds,
+)
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
 from .nn.fused import set_fused, warm_up_fused
 from .nn.int8_conv import int8_conv_calls, int8_conv_enabled, set_int8_conv
@@ -221,7 +227,10 @@ def _maxrss_bytes() -> int:
 
 
 def _live_malloc() -> bool:
-    """glibc: every block of 64 KiB or more gets its own ``mmap``, freed memory goes back; False if not."""
+    """glibc: every block of 64 KiB or more gets its own ``mmap``, freed memory goes back (jemalloc: freed
+    pages go back at once); False if neither applies."""
+    if jemalloc_loaded():
+        return set_jemalloc_decay(0)
     return set_malloc_thresholds(_LIVE_THRESHOLD, _LIVE_THRESHOLD)
 
 
@@ -674,7 +683,13 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Run the benchmark: print markdown tables, return (and with ``--json`` write) the results."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.malloc == "jemalloc":  # the workers inherit this process's preloaded allocator
+        try:
+            set_malloc_policy("jemalloc")
+        except ValueError as e:
+            parser.error(str(e))
     presets: list[str | None] = list(PRESETS) if args.preset == "all" else [args.preset]
     out: dict[str, Any] = {"torch": torch.__version__, "results": []}
     start = time.perf_counter()

@@ -8,19 +8,39 @@ ResNet-18 step at 32x32, batch 128, the page faults of a 32 MiB activation made 
 
 ``keep``: blocks of any size come from the heap and freed memory is kept for reuse (``mallopt``
 ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD`` at their maximum), as a caching allocator does: the
-resident set grows to the step's high-water mark and stays there. ``system``: glibc's defaults.
+resident set grows to the step's high-water mark and stays there. glibc's heap then fragments: the
+binary ResNet-18's peak RSS at 32x32 is ~2x the memory it holds. ``system``: glibc's defaults.
+
+``jemalloc``: jemalloc (``libjemalloc2``), preloaded when the process starts
+(``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 python train.py trainer.malloc=jemalloc``),
+set never to hand freed pages back (``dirty_decay_ms``/``muzzy_decay_ms`` = -1, through ``mallctl``):
+as fast as ``keep`` and its size classes do not fragment - measured peak RSS 0.91 / 0.88 GB for the floor
+and the binary net at 32x32, batch 128, against 1.2 / 1.5 GB under glibc ``keep``. A process cannot
+switch its allocator once running, so without the preload this policy is an error that names the
+command. Under a preloaded jemalloc, ``keep`` means the same as ``jemalloc``.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import glob
 import logging
 import sys
 
-__all__ = ["MALLOC_POLICIES", "set_malloc_policy", "set_malloc_thresholds"]
+__all__ = [
+    "JEMALLOC_DIRS",
+    "MALLOC_POLICIES",
+    "find_jemalloc",
+    "jemalloc_loaded",
+    "set_jemalloc_decay",
+    "set_malloc_policy",
+    "set_malloc_thresholds",
+]
 
-MALLOC_POLICIES: tuple[str, ...] = ("keep", "system")
+MALLOC_POLICIES: tuple[str, ...] = ("keep", "system", "jemalloc")
+JEMALLOC_DIRS: tuple[str, ...] = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                                  "/usr/local/lib")  # fmt: skip
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
 _KEEP = 2**31 - 1  # the largest value mallopt takes (an int)
 log = logging.getLogger(__name__)
@@ -38,6 +58,58 @@ def set_malloc_thresholds(mmap_threshold: int, trim_threshold: int) -> bool:
     return mallopt(_M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(_M_TRIM_THRESHOLD, trim_threshold) == 1
 
 
+def jemalloc_loaded() -> bool:
+    """Whether jemalloc is this process's ``malloc`` (preloaded): its library is mapped."""
+    try:
+        with open("/proc/self/maps") as f:
+            return "libjemalloc" in f.read()
+    except OSError:
+        return False
+
+
+def find_jemalloc() -> str | None:
+    """Path of an installed ``libjemalloc.so*`` (for ``LD_PRELOAD``), or ``None``."""
+    for d in JEMALLOC_DIRS:
+        found = sorted(glob.glob(f"{d}/libjemalloc.so*"))
+        if found:
+            return found[0]
+    return None
+
+
+def set_jemalloc_decay(ms: int) -> bool:
+    """jemalloc: hand freed pages back after ``ms`` milliseconds (``-1``: never, ``0``: at once), for
+    the arenas in use and those created later. True if jemalloc took it."""
+    if not jemalloc_loaded():
+        return False
+    mallctl = ctypes.CDLL(None).mallctl
+    value, narenas, size = (
+        ctypes.c_ssize_t(ms),
+        ctypes.c_uint(0),
+        ctypes.c_size_t(ctypes.sizeof(ctypes.c_uint)),
+    )
+    if mallctl(b"arenas.narenas", ctypes.byref(narenas), ctypes.byref(size), None, 0) != 0:
+        return False
+    ok = True
+    for key in ("dirty_decay_ms", "muzzy_decay_ms"):
+        ok &= mallctl(f"arenas.{key}".encode(), None, None, ctypes.byref(value), ctypes.sizeof(value)) == 0
+        for i in range(narenas.value):  # arenas not yet created answer EFAULT and take the default above
+            mallctl(f"arena.{i}.{key}".encode(), None, None, ctypes.byref(value), ctypes.sizeof(value))
+    return ok
+
+
+def _jemalloc_missing() -> str:
+    path = find_jemalloc()
+    how = (
+        f"start the process with LD_PRELOAD={path} (e.g. LD_PRELOAD={path} python train.py trainer.malloc=jemalloc)"
+        if path
+        else "install jemalloc (Debian/Ubuntu: apt-get install libjemalloc2; looked in "
+        f"{', '.join(JEMALLOC_DIRS)}) and start the process with LD_PRELOAD=<path to libjemalloc.so.2>"
+    )
+    return (
+        f"malloc policy 'jemalloc' needs jemalloc loaded when the process starts: {how}; or use malloc 'keep'"
+    )
+
+
 def set_malloc_policy(policy: str) -> bool:
     """Apply ``policy`` (one of :data:`MALLOC_POLICIES`) to this process; True if it took effect.
 
@@ -49,6 +121,10 @@ def set_malloc_policy(policy: str) -> bool:
         raise ValueError(f"unknown malloc policy {policy!r}; valid choices: {', '.join(MALLOC_POLICIES)}")
     if policy == "system":
         return True
+    if jemalloc_loaded():  # keep and jemalloc: never hand freed pages back
+        return set_jemalloc_decay(-1)
+    if policy == "jemalloc":
+        raise ValueError(_jemalloc_missing())
     ok = set_malloc_thresholds(_KEEP, _KEEP)
     if not ok:
         log.info("malloc policy 'keep' needs glibc's mallopt; not available here, using the system's")
