@@ -73,7 +73,7 @@ from .engine.memory import (
     set_malloc_thresholds,
 )
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
-from .nn.fused import set_fused, warm_up_fused
+from .nn.fused import has_fused, set_fused, warm_up_fused
 from .nn.int8_conv import int8_conv_calls, int8_conv_enabled, set_int8_conv
 from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
 
@@ -285,9 +285,7 @@ class TrainStepRun:
         self.dev = torch.device(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_config(name, image_size, num_classes, stem).to(self.dev, memory_format=fmt).train()
-        if (
-            not self.cuda and not compile and any(getattr(m, "fused", False) for m in self.model.modules())
-        ):  # as train()
+        if not self.cuda and not compile and has_fused(self.model):  # as train()
             warm_up_fused(self.dev, PRECISIONS.get(precision))
         self.forward: Callable[[Tensor], Tensor] = torch.compile(self.model) if compile else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)

@@ -40,7 +40,7 @@ from .engine.memory import set_malloc_policy
 from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
-from .nn.fused import warm_up_fused
+from .nn.fused import has_fused, warm_up_fused
 from .nn.int8_conv import int8_conv_calls, set_int8_conv
 from .nn.kernels import get_kernels, set_kernels
 from .track import WandbTracker, write_results
@@ -233,11 +233,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model.to(device)
     if cfg.trainer.channels_last:
         model.to(memory_format=torch.channels_last)
-    if (
-        device.type == "cpu"
-        and not cfg.trainer.compile
-        and any(getattr(m, "fused", False) for m in model.modules())
-    ):
+    if device.type == "cpu" and not cfg.trainer.compile and has_fused(model):
         # compile the sign kernels now: no compile in the first step, no compiler memory amid activations
         warm_up_fused(device, PRECISIONS.get(str(cfg.trainer.precision)))
 

@@ -39,7 +39,15 @@ from torch import Tensor, nn
 from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .int8_conv import binary_conv2d_int8, int8_conv_applies
-from .kernels import code_sign, gamma_forward, grad_times_y, masked_grad, sign_code, sign_code_u8
+from .kernels import (
+    code_sign,
+    gamma_forward,
+    grad_times_y,
+    masked_grad,
+    memory_format_of,
+    sign_code,
+    sign_code_u8,
+)
 from .scale import LearnedScale, ScaleFactor, conv_output_size
 from .sign import centre_weight
 
@@ -48,6 +56,7 @@ __all__ = [
     "binary_input_conv2d",
     "can_fuse",
     "fused_binary_conv_forward",
+    "has_fused",
     "set_fused",
     "warm_up_fused",
 ]
@@ -83,12 +92,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device) and x.is_floating_point():
         return torch.get_autocast_dtype(device)
     return x.dtype
-
-
-def _memory_format(x: Tensor) -> torch.memory_format:
-    """The layout a conv of ``x`` returns: channels-last for a channels-last (non-contiguous) 4-d input."""
-    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    return torch.channels_last if cl else torch.contiguous_format
 
 
 class BinaryInputConv2dFn(torch.autograd.Function):
@@ -127,7 +130,7 @@ class BinaryInputConv2dFn(torch.autograd.Function):
         if binarize_weight and int8_conv_applies(x, weight, dtype, out_size, groups, bias):
             xu, code = sign_code_u8(x)  # exact int8 conv, fp32 result
             w, saved_w = sign_code(centre_weight(weight) if centre else weight, torch.int8)
-            y = binary_conv2d_int8(xu, w, stride, padding, dilation, groups, _memory_format(x))
+            y = binary_conv2d_int8(xu, w, stride, padding, dilation, groups, memory_format_of(x))
             del xu, w
         else:
             xb, code = sign_code(x, dtype)
@@ -250,6 +253,11 @@ def fused_binary_conv_forward(conv: _ConvLike, x: Tensor) -> Tensor:
     if conv.bias is not None and inner_bias is None:
         y = y + conv.bias.view(1, -1, 1, 1)
     return y
+
+
+def has_fused(model: nn.Module) -> bool:
+    """Whether any binary conv of ``model`` takes the fused path."""
+    return any(getattr(m, "fused", False) for m in model.modules())
 
 
 def set_fused(model: nn.Module, enabled: bool) -> int:

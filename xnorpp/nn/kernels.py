@@ -31,6 +31,7 @@ __all__ = [
     "get_kernels",
     "grad_times_y",
     "masked_grad",
+    "memory_format_of",
     "set_kernels",
     "sign_code",
     "sign_code_u8",
@@ -54,6 +55,13 @@ def _sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
     return s.add_(1).to(torch.uint8), code
 
 
+def memory_format_of(x: Tensor) -> torch.memory_format:
+    """The layout of ``x`` as convs and these kernels keep it: channels-last for a channels-last,
+    non-contiguous 4-d tensor, else contiguous."""
+    cl = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
 def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     """``x``'s memory as a 1-d tensor (contiguous or channels-last ``x``), and how to shape a result back.
 
@@ -61,7 +69,7 @@ def _flat(x: Tensor) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
     ``_base``, whose shape and strides ``torch.compile`` guards on (one recompilation per shape).
     """
     x = x.resolve_neg()  # the alias reads memory as stored: a lazily negated view must be resolved
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if memory_format_of(x) == torch.channels_last:
         n, c, h, w = x.shape
         unflatten: Callable[[Tensor], Tensor] = lambda t: t.view(n, h, w, c).permute(0, 3, 1, 2)  # noqa: E731
     else:
