@@ -21,7 +21,7 @@ import torch
 from timm.models import register_model
 from torch import Tensor, nn
 
-from ..nn import SPATIAL_SCALES, BinaryConv2d, conv_output_size
+from ..nn import SPATIAL_SCALES, BinaryConv2d, MaxPool2d, conv_output_size
 from ..nn.scale import check_scale
 
 __all__ = [
@@ -190,7 +190,7 @@ class PreActBinaryResNet(nn.Module):
 
         if stem == "imagenet":
             self.conv1 = nn.Conv2d(in_chans, widths[0], 7, stride=2, padding=3, bias=False)
-            self.maxpool: nn.Module = nn.MaxPool2d(3, stride=2, padding=1)
+            self.maxpool: nn.Module = MaxPool2d(3, stride=2, padding=1)
             size = conv_output_size(conv_output_size(self.input_size, 7, 2, 3), 3, 2, 1)
         else:
             self.conv1 = nn.Conv2d(in_chans, widths[0], 3, stride=1, padding=1, bias=False)
@@ -240,7 +240,9 @@ class PreActBinaryResNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        # relu(maxpool(.)) == maxpool(relu(.)), values and gradients (both monotone, first maximum
+        # kept): the ReLU then runs on the pooled, 4x smaller tensor
+        x = self.relu(self.maxpool(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:

@@ -3,6 +3,7 @@
 from .conv import BinaryConv2d
 from .int8_conv import int8_conv_active, int8_conv_enabled, set_int8_conv
 from .kernels import KERNEL_MODES, get_kernels, set_kernels
+from .pool import MaxPool2d, max_pool2d
 from .scale import (
     LEARNED_SCALES,
     SCALES,
@@ -33,6 +34,7 @@ __all__ = [
     "SPATIAL_SCALES",
     "BinaryConv2d",
     "LearnedScale",
+    "MaxPool2d",
     "NoScale",
     "ScaleFactor",
     "XnorScale",
@@ -46,6 +48,7 @@ __all__ = [
     "identity_sign",
     "int8_conv_active",
     "int8_conv_enabled",
+    "max_pool2d",
     "set_int8_conv",
     "set_kernels",
     "sign_ste",
