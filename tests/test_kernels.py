@@ -188,3 +188,23 @@ def test_jemalloc_policy_under_the_preload_keeps_pages_and_trains() -> None:
     env = {**os.environ, "LD_PRELOAD": str(find_jemalloc())}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("shape", [(64, 7, 7), (64, 1, 1), (1, 7, 7)])
+def test_batch_sum_is_sum_to_size_bit_for_bit(channels_last: bool, shape: tuple[int, ...]) -> None:
+    t = torch.randn(32, 64, 7, 7, generator=torch.Generator().manual_seed(0)) * 1000
+    if channels_last:
+        t = t.contiguous(memory_format=torch.channels_last)
+    got = kernels.batch_sum(t, torch.Size(shape))
+    assert got.shape == shape and torch.equal(got, t.sum_to_size(shape))
+
+
+def test_layout_like_lays_a_scale_out_as_the_activation() -> None:
+    g = torch.randn(8, 5, 5)
+    y = torch.randn(2, 8, 5, 5)
+    assert kernels.layout_like(g, y) is g  # contiguous activations: untouched
+    y_cl = y.contiguous(memory_format=torch.channels_last)
+    g_cl = kernels.layout_like(g, y_cl)
+    assert g_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(g_cl[0], g)
+    assert torch.equal(y_cl * g_cl, y * g) and (y_cl * g_cl).is_contiguous(memory_format=torch.channels_last)

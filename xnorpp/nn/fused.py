@@ -40,9 +40,11 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .int8_conv import binary_conv2d_int8, int8_conv_applies
 from .kernels import (
+    batch_sum,
     code_sign,
     gamma_forward,
     grad_times_y,
+    layout_like,
     masked_grad,
     memory_format_of,
     sign_code,
@@ -143,7 +145,7 @@ class BinaryInputConv2dFn(torch.autograd.Function):
         saved_y = None
         out = y
         if gamma is not None:
-            g = gamma.to(y.dtype)
+            g = layout_like(gamma.to(y.dtype), y)
             if not gamma.requires_grad:
                 out = y.mul_(g)
             elif binarize_weight and math.prod(weight.shape[1:]) <= _INT16_SAFE:
@@ -171,8 +173,8 @@ class BinaryInputConv2dFn(torch.autograd.Function):
             if need_g:  # dGamma = sum over the broadcast dims of grad * y
                 exact = saved_y.dtype == torch.int16  # else saved_y is y itself: keep it intact
                 buf = grad_times_y(grad, saved_y) if exact else grad * saved_y
-                grad_gamma = buf.sum_to_size(gamma.shape).to(gamma.dtype)
-            grad = torch.mul(grad, gamma.to(grad.dtype), out=buf)  # reuse the product's buffer
+                grad_gamma = batch_sum(buf, gamma.shape).to(gamma.dtype)
+            grad = torch.mul(grad, layout_like(gamma.to(grad.dtype), grad), out=buf)  # reuse the buffer
         grad_x = grad_w = grad_b = None
         if need_x or need_w or need_b:
             w = code_sign(saved_w, dtype) if binarize_weight else saved_w.to(dtype)

@@ -26,10 +26,12 @@ from .sign import binary_sign
 
 __all__ = [
     "KERNEL_MODES",
+    "batch_sum",
     "code_sign",
     "gamma_forward",
     "get_kernels",
     "grad_times_y",
+    "layout_like",
     "masked_grad",
     "memory_format_of",
     "set_kernels",
@@ -155,6 +157,26 @@ def gamma_forward(y: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
     """``(y * gamma, y as int16)`` for ``y`` holding exact integer sums; the product is written into ``y``."""
     saved = y.to(torch.int16)
     return y.mul_(gamma), saved
+
+
+def layout_like(g: Tensor, y: Tensor) -> Tensor:
+    """``g`` (a ``(C, H, W)`` or ``(C, 1, 1)`` factor of ``y``) laid out as ``y``: broadcasting an
+    element-wise op over tensors of different layouts is a strided loop (2-3x slower on CPU)."""
+    if g.dim() == 3 and y.dim() == 4 and memory_format_of(y) == torch.channels_last:
+        return g.unsqueeze(0).contiguous(memory_format=torch.channels_last)
+    return g
+
+
+def batch_sum(t: Tensor, shape: torch.Size) -> Tensor:
+    """``t.sum_to_size(shape)``, bit for bit; a sum of a contiguous ``t`` over the batch alone
+    (``shape == t.shape[1:]``) runs as a column sum of its memory, 2.6x faster.
+
+    (In channels-last such a column sum is 30x faster than ``sum_to_size``, but adds in another order
+    than autograd's ``sum_to_size`` does: the last bit of ``dGamma`` would differ from the unfused path.)
+    """
+    if t.dim() == 4 and tuple(shape) == tuple(t.shape[1:]) and t.is_contiguous():
+        return t.view(t.shape[0], -1).sum(0).view(shape)
+    return t.sum_to_size(shape)
 
 
 def grad_times_y(grad: Tensor, saved_y: Tensor) -> Tensor:
