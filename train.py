@@ -14,11 +14,28 @@ Returns ``best/val/top1`` (percent) so Hydra sweepers can optimise it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 
 import hydra
 from omegaconf import DictConfig
+
+_GLIBC = re.compile(r"^\+{0,2}trainer\.malloc=(keep|system)$")
+
+
+def _preload_jemalloc(argv: list[str]) -> None:
+    """Re-run this command with jemalloc preloaded (``xnorpp.engine.memory.preload_jemalloc``), unless
+    ``trainer.malloc=keep|system`` is asked for on the command line. The module is loaded from its file:
+    importing the package (torch, timm) first would cost seconds that the re-run repeats."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xnorpp", "engine", "memory.py")
+    spec = importlib.util.spec_from_file_location("_xnorpp_memory", path)
+    if spec is None or spec.loader is None:
+        return
+    memory = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(memory)
+    memory.preload_jemalloc(keep_glibc=any(_GLIBC.match(a) for a in argv))
 
 
 def _share_run_dir_across_ranks(argv: list[str]) -> list[str]:
@@ -57,5 +74,6 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    _preload_jemalloc(sys.argv[1:])  # (before anything else: the process may start again from here)
     sys.argv = [sys.argv[0], *_share_run_dir_across_ranks(sys.argv[1:])]
     main()

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from xnorpp.engine.memory import find_jemalloc
+
 # fp keeps the comparison about DDP (sign flips would amplify float-order differences); a small lr keeps
 # per-process BatchNorm statistics (SyncBatchNorm is CUDA-only) from mattering much.
 ARGS = [
@@ -54,6 +56,8 @@ def test_two_processes_write_one_run(runs: dict[str, Path]) -> None:
     assert sorted(p.name for p in runs["root"].iterdir()) == ["one", "two"]  # no stray per-rank directories
     results = json.loads((two / "results.json").read_text())
     assert results["world_size"] == 2
+    # train.py re-ran itself with jemalloc preloaded (same pid: torchrun followed it), where installed
+    assert results["malloc"] == ("jemalloc" if find_jemalloc() else "keep")
     assert len(list((two / "wandb").glob("offline-run-*"))) == 1
     assert (two / "checkpoints" / "last.pt").is_file()
     assert (two / ".hydra" / "config.yaml").is_file()

@@ -147,14 +147,15 @@ def test_a_failing_compiler_warns_once_and_falls_back_to_identical_eager_results
 def test_unknown_modes_list_the_valid_choices() -> None:
     with pytest.raises(ValueError, match="valid choices: eager, compiled"):
         kernels.set_kernels("triton")
-    with pytest.raises(ValueError, match="valid choices: keep, system, jemalloc"):
+    with pytest.raises(ValueError, match="valid choices: auto, keep, system, jemalloc"):
         set_malloc_policy("tcmalloc")
 
 
 def test_malloc_policies_apply_on_this_linux_machine() -> None:
-    assert MALLOC_POLICIES == ("keep", "system", "jemalloc")
+    assert MALLOC_POLICIES == ("auto", "keep", "system", "jemalloc")
     assert set_malloc_policy("system") is True
     assert set_malloc_policy("keep") is True  # glibc's mallopt accepted both parameters
+    assert set_malloc_policy("auto") is True  # keep, here (no jemalloc in this process)
 
 
 def test_jemalloc_policy_without_the_preload_names_the_command() -> None:
@@ -188,6 +189,39 @@ def test_jemalloc_policy_under_the_preload_keeps_pages_and_trains() -> None:
     env = {**os.environ, "LD_PRELOAD": str(find_jemalloc())}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def _preload_in_a_new_process(env: dict[str, str], call: str = "preload_jemalloc()") -> list[str]:
+    """Run ``call`` first thing in a fresh ``python -c`` (the memory module alone: no torch import), then
+    print whether jemalloc is loaded and LD_PRELOAD; returns the lines it printed (once per run)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    code = (
+        f"import sys; sys.path.insert(0, {str(ROOT / 'xnorpp' / 'engine')!r}); import memory\n"
+        f"from memory import preload_jemalloc; {call}\n"
+        "import os; print(memory.jemalloc_loaded(), os.environ.get('LD_PRELOAD', ''))\n"
+    )
+    env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout.splitlines()
+
+
+@pytest.mark.skipif(
+    find_jemalloc() is None, reason="libjemalloc is not installed (apt-get install libjemalloc2)"
+)
+def test_preload_jemalloc_reruns_the_command_with_it_unless_told_not_to() -> None:
+    clean = {"LD_PRELOAD": None, "XNORPP_JEMALLOC": None, "_XNORPP_JEMALLOC_RERUN": None}
+    assert _preload_in_a_new_process(clean) == [f"True {find_jemalloc()}"]  # printed once: by the re-run
+    assert _preload_in_a_new_process({**clean, "XNORPP_JEMALLOC": "0"}) == ["False "]
+    assert _preload_in_a_new_process(clean, "preload_jemalloc(keep_glibc=True)") == ["False "]
+    # a preload that does not load (here a missing file) runs the command once more, never again
+    bogus = "memory.find_jemalloc = lambda: '/nonexistent/libjemalloc.so.2'; preload_jemalloc()"
+    assert _preload_in_a_new_process(clean, bogus) == ["False /nonexistent/libjemalloc.so.2"]
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])

@@ -138,6 +138,15 @@ def test_slurm_launcher_config_and_ddp_environment(monkeypatch: pytest.MonkeyPat
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.nodes == 1 and launcher.max_num_timeout > 0
     assert any("MASTER_ADDR" in line for line in launcher.setup)
+    # the job script preloads jemalloc (trainer.malloc=auto) where the node has it, unless XNORPP_JEMALLOC=0
+    line = next(line for line in launcher.setup if "LD_PRELOAD" in line)
+    lib = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
+    for opt_out, want in (("1", lib if Path(lib).exists() else ""), ("0", "")):
+        env = {"PATH": os.environ["PATH"], "XNORPP_JEMALLOC": opt_out}
+        out = subprocess.run(
+            ["bash", "-c", f'{line}; echo "$LD_PRELOAD"'], env=env, capture_output=True, text=True
+        )
+        assert out.returncode == 0 and out.stdout.strip() == want, (opt_out, out)
     for key, value in {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}.items():
         monkeypatch.setenv(key, value)
     assert dict(cfg.hydra.job.env_set) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}

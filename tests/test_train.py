@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import CONF
 
+from xnorpp.engine.memory import jemalloc_loaded
 from xnorpp.run import train
 
 EXPERIMENTS = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
@@ -37,6 +38,7 @@ def test_default_trains_a_short_epoch_on_bundled_data(make_cfg, tmp_path: Path) 
     assert saved["epochs"] == 1 and saved["params/binary"] == 10_985_472
     assert saved["kernels"] == "compiled"  # the default compiles the sign kernel (a C++ compiler is here)
     assert saved["int8_conv"] is True  # fp32 on CPU: the binary forward convs ran as exact int8 convs
+    assert saved["malloc"] == ("jemalloc" if jemalloc_loaded() else "keep")  # auto, in this process
     assert 0.0 <= saved["val/top1"] <= 100.0 and saved["val/top5"] >= saved["val/top1"]
     assert results["best/val/top1"] == saved["best/val/top1"]
     assert (out / "checkpoints" / "last.pt").is_file() and (out / "checkpoints" / "best.pt").is_file()
@@ -132,7 +134,7 @@ def test_bad_scale_name_lists_valid_choices(make_cfg) -> None:
 @pytest.mark.parametrize(
     ("override", "message"),
     [("trainer.kernels=fast", "trainer.kernels: .*valid choices: eager, compiled"),
-     ("trainer.malloc=tcmalloc", "trainer.malloc: .*valid choices: keep, system, jemalloc"),
+     ("trainer.malloc=tcmalloc", "trainer.malloc: .*valid choices: auto, keep, system, jemalloc"),
      ("trainer.malloc=jemalloc", "trainer.malloc: .*needs jemalloc loaded when the process starts"),
      ("trainer.int8_conv=maybe", "trainer.int8_conv must be true or false, got 'maybe'")],
 )  # fmt: skip

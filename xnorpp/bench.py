@@ -68,6 +68,8 @@ from .engine.loop import PRECISIONS
 from .engine.memory import (
     MALLOC_POLICIES,
     jemalloc_loaded,
+    malloc_in_use,
+    preload_jemalloc,
     set_jemalloc_decay,
     set_malloc_policy,
     set_malloc_thresholds,
@@ -266,7 +268,7 @@ class TrainStepRun:
         threads: int | None = None,
         seed: int = 0,
         live_malloc: bool = False,
-        malloc: str = "keep",
+        malloc: str = "auto",
         kernels: str = "compiled",
         int8_conv: bool = True,
     ) -> None:
@@ -643,8 +645,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
     p.add_argument(
-        "--malloc", choices=MALLOC_POLICIES, default="keep",
-        help="CPU allocator policy of the timed runs, as trainer.malloc (default keep)",
+        "--malloc", choices=MALLOC_POLICIES, default="auto",
+        help="CPU allocator policy of the timed runs, as trainer.malloc (default auto: jemalloc, which "
+        "python -m xnorpp.bench preloads where it is installed, else keep)",
     )  # fmt: skip
     p.add_argument(
         "--kernels", choices=KERNEL_MODES, default="compiled",
@@ -674,7 +677,7 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
     settings.update(
         preset=preset, device=args.device, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads or available_cores(), in_process=args.in_process,
-        malloc=args.malloc, kernels=args.kernels, int8_conv=args.int8_conv, memory_pass=args.memory_pass,
+        malloc=malloc_in_use(args.malloc), kernels=args.kernels, int8_conv=args.int8_conv, memory_pass=args.memory_pass,
     )  # fmt: skip
     return settings
 
@@ -717,6 +720,11 @@ def _nan_to_none(obj: Any) -> Any:
 
 
 if __name__ == "__main__":
+    # as train.py: jemalloc preloaded where installed (the workers inherit it), unless asked for glibc
+    _glibc = any(a in ("--malloc=keep", "--malloc=system") for a in sys.argv) or any(
+        a == "--malloc" and b in ("keep", "system") for a, b in zip(sys.argv, sys.argv[1:])
+    )
+    preload_jemalloc(keep_glibc=_glibc)
     from xnorpp.bench import main as _main  # the importable module, so that workers unpickle its functions
 
     _main()

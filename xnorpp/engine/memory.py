@@ -18,6 +18,11 @@ as fast as ``keep`` and its size classes do not fragment - measured peak RSS 0.9
 and the binary net at 32x32, batch 128, against 1.2 / 1.5 GB under glibc ``keep``. A process cannot
 switch its allocator once running, so without the preload this policy is an error that names the
 command. Under a preloaded jemalloc, ``keep`` means the same as ``jemalloc``.
+
+``auto`` (the default): ``jemalloc`` where it is loaded, else ``keep``. The command-line entry points
+(``train.py``, ``python -m xnorpp.bench``) preload it themselves: :func:`preload_jemalloc` runs the same
+command again, in the same process (``exec``, same pid), with jemalloc in ``LD_PRELOAD``, where jemalloc
+is installed. ``XNORPP_JEMALLOC=0`` (or asking for ``keep``/``system`` on the command line) stays on glibc.
 """
 
 from __future__ import annotations
@@ -26,19 +31,25 @@ import ctypes
 import ctypes.util
 import glob
 import logging
+import os
 import sys
 
 __all__ = [
     "JEMALLOC_DIRS",
     "MALLOC_POLICIES",
+    "PRELOAD_ENV",
     "find_jemalloc",
     "jemalloc_loaded",
+    "malloc_in_use",
+    "preload_jemalloc",
     "set_jemalloc_decay",
     "set_malloc_policy",
     "set_malloc_thresholds",
 ]
 
-MALLOC_POLICIES: tuple[str, ...] = ("keep", "system", "jemalloc")
+MALLOC_POLICIES: tuple[str, ...] = ("auto", "keep", "system", "jemalloc")
+PRELOAD_ENV = "XNORPP_JEMALLOC"  # "0": the entry points do not preload jemalloc
+_RERUN_ENV = "_XNORPP_JEMALLOC_RERUN"  # set on the re-run: never exec twice (a preload that did not load)
 JEMALLOC_DIRS: tuple[str, ...] = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                                   "/usr/local/lib")  # fmt: skip
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -106,14 +117,53 @@ def _jemalloc_missing() -> str:
         f"{', '.join(JEMALLOC_DIRS)}) and start the process with LD_PRELOAD=<path to libjemalloc.so.2>"
     )
     return (
-        f"malloc policy 'jemalloc' needs jemalloc loaded when the process starts: {how}; or use malloc 'keep'"
+        f"malloc policy 'jemalloc' needs jemalloc loaded when the process starts: {how}; or use malloc 'auto' "
+        "(jemalloc where loaded, else glibc's keep)"
     )
+
+
+def preload_jemalloc(keep_glibc: bool = False) -> None:
+    """Run this process's command again with jemalloc preloaded, where it is installed and not loaded.
+
+    ``os.execve`` of ``sys.executable`` with ``sys.orig_argv`` (interpreter options and ``-m`` kept),
+    the same environment plus ``LD_PRELOAD`` (child processes inherit it, as with a preload typed on
+    the command line): the pid stays, so ``torchrun`` and job schedulers follow it. Call it first thing
+    in a command-line entry point, before anything else ran. Does nothing on other systems than Linux,
+    with ``keep_glibc``, with ``XNORPP_JEMALLOC=0``, when jemalloc is loaded or not installed, or in the
+    re-run itself (if the preload did not load there, the process goes on with glibc).
+    """
+    if (
+        not sys.platform.startswith("linux")
+        or keep_glibc
+        or os.environ.get(PRELOAD_ENV, "1") == "0"
+        or _RERUN_ENV in os.environ
+        or jemalloc_loaded()
+    ):
+        return
+    path = find_jemalloc()
+    if path is None:
+        return
+    before = os.environ.get("LD_PRELOAD", "")
+    env = {**os.environ, "LD_PRELOAD": f"{path}:{before}" if before else path, _RERUN_ENV: "1"}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(sys.executable, list(sys.orig_argv), env)
+    except OSError as e:  # the interpreter cannot be re-run (a frozen or embedded Python): stay on glibc
+        log.warning("could not re-run with jemalloc preloaded (%s); using glibc's malloc", e)
+
+
+def malloc_in_use(policy: str) -> str:
+    """What ``policy`` amounts to in this process: ``jemalloc`` (loaded), ``keep`` or ``system`` (glibc)."""
+    if jemalloc_loaded():
+        return "jemalloc"
+    return "keep" if policy == "auto" else policy
 
 
 def set_malloc_policy(policy: str) -> bool:
     """Apply ``policy`` (one of :data:`MALLOC_POLICIES`) to this process; True if it took effect.
 
-    ``keep`` needs glibc (Linux); elsewhere it logs that it does nothing and returns False.
+    ``auto`` is ``jemalloc`` if jemalloc is loaded, else ``keep``. ``keep`` needs glibc (Linux); elsewhere it logs that it does nothing and returns False.
     ``system`` changes nothing (a process cannot restore glibc's dynamic threshold) and returns True.
     Call it before the large allocations: memory already mapped keeps its old policy.
     """
@@ -121,7 +171,7 @@ def set_malloc_policy(policy: str) -> bool:
         raise ValueError(f"unknown malloc policy {policy!r}; valid choices: {', '.join(MALLOC_POLICIES)}")
     if policy == "system":
         return True
-    if jemalloc_loaded():  # keep and jemalloc: never hand freed pages back
+    if jemalloc_loaded():  # auto, keep and jemalloc: never hand freed pages back
         return set_jemalloc_decay(-1)
     if policy == "jemalloc":
         raise ValueError(_jemalloc_missing())
