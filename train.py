@@ -22,7 +22,9 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-_GLIBC = re.compile(r"^\+{0,2}trainer\.malloc=(keep|system)$")
+# trainer.malloc=keep|system, also in a sweep's list of values (keep,jemalloc: all jobs of a process share
+# its allocator, and one asking for jemalloc then stops with an error naming the preload command)
+_GLIBC = re.compile(r"^\+{0,2}trainer\.malloc=.*\b(keep|system)\b")
 
 
 def _preload_jemalloc(argv: list[str]) -> None:

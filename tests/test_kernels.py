@@ -191,7 +191,9 @@ def test_jemalloc_policy_under_the_preload_keeps_pages_and_trains() -> None:
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
 
 
-def _preload_in_a_new_process(env: dict[str, str], call: str = "preload_jemalloc()") -> list[str]:
+def _preload_in_a_new_process(
+    env: dict[str, str | None], call: str = "preload_jemalloc()", stdin: bool = False
+) -> list[str]:
     """Run ``call`` first thing in a fresh ``python -c`` (the memory module alone: no torch import), then
     print whether jemalloc is loaded and LD_PRELOAD; returns the lines it printed (once per run)."""
     import os
@@ -206,7 +208,9 @@ def _preload_in_a_new_process(env: dict[str, str], call: str = "preload_jemalloc
         "import os; print(memory.jemalloc_loaded(), os.environ.get('LD_PRELOAD', ''))\n"
     )
     env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    args = dict(input=code) if stdin else {}  # `python -`: the program comes from stdin
+    cmd = [sys.executable, "-"] if stdin else [sys.executable, "-c", code]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, **args)  # type: ignore
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout.splitlines()
 
@@ -218,20 +222,32 @@ def test_preload_jemalloc_reruns_the_command_with_it_unless_told_not_to() -> Non
     clean = {"LD_PRELOAD": None, "XNORPP_JEMALLOC": None, "_XNORPP_JEMALLOC_RERUN": None}
     assert _preload_in_a_new_process(clean) == [f"True {find_jemalloc()}"]  # printed once: by the re-run
     assert _preload_in_a_new_process({**clean, "XNORPP_JEMALLOC": "0"}) == ["False "]
+    assert _preload_in_a_new_process({**clean, "XNORPP_JEMALLOC": "false"}) == ["False "]
     assert _preload_in_a_new_process(clean, "preload_jemalloc(keep_glibc=True)") == ["False "]
+    other = "/nonexistent/libtcmalloc.so"  # a preload of another allocator is left alone
+    assert _preload_in_a_new_process({**clean, "LD_PRELOAD": other}) == [f"False {other}"]
+    assert _preload_in_a_new_process(clean, stdin=True) == ["False "]  # stdin is read: cannot run it again
     # a preload that does not load (here a missing file) runs the command once more, never again
     bogus = "memory.find_jemalloc = lambda: '/nonexistent/libjemalloc.so.2'; preload_jemalloc()"
     assert _preload_in_a_new_process(clean, bogus) == ["False /nonexistent/libjemalloc.so.2"]
 
 
-@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("shape", [(64, 7, 7), (64, 1, 1), (1, 7, 7)])
-def test_batch_sum_is_sum_to_size_bit_for_bit(channels_last: bool, shape: tuple[int, ...]) -> None:
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 3, 32, 257])
+def test_batch_sum_over_the_batch_is_sum_to_size_bit_for_bit(batch: int, dtype: torch.dtype) -> None:
+    t = (torch.randn(batch, 16, 7, 5, generator=torch.Generator().manual_seed(batch)) * 1000).to(dtype)
+    got = kernels.batch_sum(t, torch.Size((16, 7, 5)))  # the column-sum path
+    assert got.shape == (16, 7, 5) and got.dtype == dtype and torch.equal(got, t.sum_to_size(16, 7, 5))
+
+
+@pytest.mark.parametrize(
+    ("shape", "channels_last"), [((64, 1, 1), False), ((1, 7, 7), False), ((64, 7, 7), True)]
+)
+def test_batch_sum_other_reductions_and_layouts(shape: tuple[int, ...], channels_last: bool) -> None:
     t = torch.randn(32, 64, 7, 7, generator=torch.Generator().manual_seed(0)) * 1000
-    if channels_last:
+    if channels_last:  # (a column sum would add in another order than sum_to_size: not taken)
         t = t.contiguous(memory_format=torch.channels_last)
-    got = kernels.batch_sum(t, torch.Size(shape))
-    assert got.shape == shape and torch.equal(got, t.sum_to_size(shape))
+    assert torch.equal(kernels.batch_sum(t, torch.Size(shape)), t.sum_to_size(shape))
 
 
 def test_layout_like_lays_a_scale_out_as_the_activation() -> None:

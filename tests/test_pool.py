@@ -85,8 +85,24 @@ def test_bad_arguments_raise_torch_errors() -> None:
 
 
 def test_relu_after_pool_equals_pool_after_relu() -> None:
-    """The model's stem pools before its ReLU: same values and gradients as the usual order."""
+    """The model's stem pools before its ReLU: the same numbers and gradients as the usual order (a zero's
+    sign may differ: relu keeps -0.0), NaN included."""
     x = torch.randn(2, 4, 12, 12, generator=torch.Generator().manual_seed(3)).mul(2).round().div(2)
+    x[0, 0, 0, :3] = torch.tensor([-1.0, -0.0, 0.0])
+    x[1, 2, 5, 5] = float("nan")
     a, ga = pool_and_grads(lambda t: F.max_pool2d(F.relu(t), 3, 2, 1), x)
     b, gb = pool_and_grads(lambda t: F.relu(max_pool2d(t, 3, 2, 1)), x)
-    assert torch.equal(a, b) and torch.equal(ga, gb)
+    assert torch.equal(a.isnan(), b.isnan()) and a.isnan().any()
+    assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(ga, gb)  # (== treats -0.0 as 0.0)
+
+
+def test_double_backward_and_torch_func_work_as_for_torch() -> None:
+    x = torch.randn(2, 3, 7, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    x.requires_grad_()  # (no ties: finite differences need a differentiable point)
+    assert torch.autograd.gradgradcheck(lambda t: max_pool2d(t, 3, 2, 1), (x,))
+
+    def loss(fn: Callable[..., Tensor]) -> Callable[[Tensor], Tensor]:
+        return lambda t: (fn(t, 3, 2, 1) ** 2).sum()
+
+    got, want = (torch.func.grad(loss(fn))(x.detach()) for fn in (max_pool2d, F.max_pool2d))
+    assert torch.equal(got, want)

@@ -25,6 +25,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
+from xnorpp.engine.memory import JEMALLOC_DIRS
 from xnorpp.report import ERROR_LOG, collect_runs, summarise
 from xnorpp.report import main as report_main
 
@@ -138,15 +139,18 @@ def test_slurm_launcher_config_and_ddp_environment(monkeypatch: pytest.MonkeyPat
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.nodes == 1 and launcher.max_num_timeout > 0
     assert any("MASTER_ADDR" in line for line in launcher.setup)
-    # the job script preloads jemalloc (trainer.malloc=auto) where the node has it, unless XNORPP_JEMALLOC=0
+    # the job script preloads jemalloc (trainer.malloc=auto) where the node has it, unless opted out
     line = next(line for line in launcher.setup if "LD_PRELOAD" in line)
-    lib = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
-    for opt_out, want in (("1", lib if Path(lib).exists() else ""), ("0", "")):
-        env = {"PATH": os.environ["PATH"], "XNORPP_JEMALLOC": opt_out}
+    assert all(d in line for d in JEMALLOC_DIRS)  # where find_jemalloc looks
+    lib = next((f"{d}/libjemalloc.so.2" for d in JEMALLOC_DIRS if Path(d, "libjemalloc.so.2").exists()), "")
+    other = "/x/libtcmalloc.so"
+    for env_set, want in (({}, lib), ({"XNORPP_JEMALLOC": "0"}, ""), ({"XNORPP_JEMALLOC": "off"}, ""),
+                          ({"LD_PRELOAD": other}, other), ({"LD_PRELOAD": "/x/libfoo.so"}, f"{lib}:/x/libfoo.so")):  # fmt: skip
+        env = {"PATH": os.environ["PATH"], **env_set}
         out = subprocess.run(
-            ["bash", "-c", f'{line}; echo "$LD_PRELOAD"'], env=env, capture_output=True, text=True
+            ["bash", "-c", f'{line}\necho "$LD_PRELOAD"'], env=env, capture_output=True, text=True
         )
-        assert out.returncode == 0 and out.stdout.strip() == want, (opt_out, out)
+        assert out.returncode == 0 and out.stdout.strip() == want.strip(":"), (env_set, out)
     for key, value in {"SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_NTASKS": "8"}.items():
         monkeypatch.setenv(key, value)
     assert dict(cfg.hydra.job.env_set) == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"}

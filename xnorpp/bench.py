@@ -67,6 +67,7 @@ from torch import Tensor, nn
 from .engine.loop import PRECISIONS
 from .engine.memory import (
     MALLOC_POLICIES,
+    allocator,
     jemalloc_loaded,
     malloc_in_use,
     preload_jemalloc,
@@ -580,6 +581,12 @@ def _fmt(value: float, digits: int) -> str:
     return "-" if value != value else f"{value:.{digits}f}"
 
 
+def _malloc_label(settings: dict[str, Any]) -> str:
+    """``jemalloc``, ``keep`` or ``system``, and the allocator where a glibc policy ran on jemalloc."""
+    policy, alloc = str(settings.get("malloc", "system")), settings.get("allocator")
+    return f"{policy} on jemalloc" if alloc == "jemalloc" and policy != "jemalloc" else policy
+
+
 def format_table(result: dict[str, Any]) -> str:
     """Markdown report of one :func:`bench_setting` result: a table and the targets."""
     s = result["settings"]
@@ -588,7 +595,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"### resnet18_preact_bin {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
         f"{s['device']}, precision {s['precision']}{', channels_last' if s['channels_last'] else ''}"
         f"{', compiled' if s['compile'] else ''}, {s['threads']} threads, "
-        f"{'' if cuda else 'malloc ' + str(s.get('malloc', 'system')) + ', '}"
+        f"{'' if cuda else 'malloc ' + _malloc_label(s) + ', '}"
         f"{s.get('kernels', 'eager')} kernels{'' if cuda else ', int8 conv ' + ('on' if s.get('int8_conv') else 'off')}: "
         f"{s['steps']} timed steps after "
         f"{s['warmup']} warm-up, median of {s['repeats']} rounds\n\n"
@@ -677,7 +684,7 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
     settings.update(
         preset=preset, device=args.device, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads or available_cores(), in_process=args.in_process,
-        malloc=malloc_in_use(args.malloc), kernels=args.kernels, int8_conv=args.int8_conv, memory_pass=args.memory_pass,
+        malloc=malloc_in_use(args.malloc), allocator=allocator(), kernels=args.kernels, int8_conv=args.int8_conv, memory_pass=args.memory_pass,
     )  # fmt: skip
     return settings
 

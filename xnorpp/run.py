@@ -36,7 +36,7 @@ from .engine.distributed import DistInfo, barrier, init_distributed
 from .engine.health import BinarizationHealth
 from .engine.loaders import build_loaders
 from .engine.loop import PRECISIONS
-from .engine.memory import malloc_in_use, set_malloc_policy
+from .engine.memory import allocator, malloc_in_use, set_malloc_policy
 from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
@@ -506,6 +506,7 @@ def _fit_or_eval(
         "kernels": get_kernels(),  # "eager" if trainer.kernels=compiled could not compile
         # whether binary forward convs ran as exact int8 convs (CPU, fp32, not compiled; xnorpp.nn.int8_conv)
         "int8_conv": int8_conv_calls() > int8_calls,
-        # the CPU allocator policy in effect (jemalloc, keep or system); None on GPU, where it is not applied
+        # the CPU allocator policy applied (auto resolved: jemalloc or keep; None on GPU) and the allocator
         "malloc": malloc_in_use(str(cfg.trainer.malloc)) if device.type == "cpu" else None,
+        "allocator": allocator(),
     }

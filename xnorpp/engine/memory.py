@@ -22,7 +22,8 @@ command. Under a preloaded jemalloc, ``keep`` means the same as ``jemalloc``.
 ``auto`` (the default): ``jemalloc`` where it is loaded, else ``keep``. The command-line entry points
 (``train.py``, ``python -m xnorpp.bench``) preload it themselves: :func:`preload_jemalloc` runs the same
 command again, in the same process (``exec``, same pid), with jemalloc in ``LD_PRELOAD``, where jemalloc
-is installed. ``XNORPP_JEMALLOC=0`` (or asking for ``keep``/``system`` on the command line) stays on glibc.
+is installed. ``XNORPP_JEMALLOC=0`` (or asking for ``keep``/``system`` on the command line, or a preload
+of another allocator) stays as is.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ __all__ = [
     "JEMALLOC_DIRS",
     "MALLOC_POLICIES",
     "PRELOAD_ENV",
+    "allocator",
     "find_jemalloc",
     "jemalloc_loaded",
     "malloc_in_use",
@@ -49,7 +51,8 @@ __all__ = [
 
 MALLOC_POLICIES: tuple[str, ...] = ("auto", "keep", "system", "jemalloc")
 PRELOAD_ENV = "XNORPP_JEMALLOC"  # "0": the entry points do not preload jemalloc
-_RERUN_ENV = "_XNORPP_JEMALLOC_RERUN"  # set on the re-run: never exec twice (a preload that did not load)
+_RERUN_ENV = "_XNORPP_JEMALLOC_RERUN"  # set for the re-run, which removes it: never exec twice
+_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc", "tbbmalloc", "hoard")  # a preload of one: leave it
 JEMALLOC_DIRS: tuple[str, ...] = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
                                   "/usr/local/lib")  # fmt: skip
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
@@ -126,38 +129,51 @@ def preload_jemalloc(keep_glibc: bool = False) -> None:
     """Run this process's command again with jemalloc preloaded, where it is installed and not loaded.
 
     ``os.execve`` of ``sys.executable`` with ``sys.orig_argv`` (interpreter options and ``-m`` kept),
-    the same environment plus ``LD_PRELOAD`` (child processes inherit it, as with a preload typed on
-    the command line): the pid stays, so ``torchrun`` and job schedulers follow it. Call it first thing
-    in a command-line entry point, before anything else ran. Does nothing on other systems than Linux,
-    with ``keep_glibc``, with ``XNORPP_JEMALLOC=0``, when jemalloc is loaded or not installed, or in the
-    re-run itself (if the preload did not load there, the process goes on with glibc).
+    the same environment plus ``LD_PRELOAD``: the pid stays, so ``torchrun`` and job schedulers follow
+    it, and child processes start on jemalloc too, as with a preload typed on the command line. Call it
+    as early as possible in a command-line entry point (what ran before it runs again). Does nothing on
+    other systems than Linux, with ``keep_glibc``, with ``XNORPP_JEMALLOC=0`` (or ``false``, ``no``,
+    ``off``), when jemalloc is loaded or not installed, when ``LD_PRELOAD`` already names another
+    allocator, for a program read from stdin, or in the re-run (if its preload did not load, it goes on
+    with glibc).
     """
+    if os.environ.pop(_RERUN_ENV, None) is not None:  # this is the re-run
+        return
+    preloaded = os.environ.get("LD_PRELOAD", "")
     if (
         not sys.platform.startswith("linux")
         or keep_glibc
-        or os.environ.get(PRELOAD_ENV, "1") == "0"
-        or _RERUN_ENV in os.environ
+        or os.environ.get(PRELOAD_ENV, "1").strip().lower() in ("0", "false", "no", "off")
         or jemalloc_loaded()
+        or any(name in preloaded for name in _ALLOCATORS)
+        or not getattr(sys, "orig_argv", None)
+        or sys.argv[0] in ("", "-")  # an interactive session or a program read from stdin: cannot re-run
     ):
         return
     path = find_jemalloc()
     if path is None:
         return
-    before = os.environ.get("LD_PRELOAD", "")
-    env = {**os.environ, "LD_PRELOAD": f"{path}:{before}" if before else path, _RERUN_ENV: "1"}
+    env = {**os.environ, "LD_PRELOAD": f"{path}:{preloaded}" if preloaded else path, _RERUN_ENV: "1"}
     sys.stdout.flush()
     sys.stderr.flush()
     try:
         os.execve(sys.executable, list(sys.orig_argv), env)
-    except OSError as e:  # the interpreter cannot be re-run (a frozen or embedded Python): stay on glibc
+    except (OSError, ValueError) as e:  # the interpreter cannot be re-run (frozen, embedded): stay on glibc
         log.warning("could not re-run with jemalloc preloaded (%s); using glibc's malloc", e)
 
 
-def malloc_in_use(policy: str) -> str:
-    """What ``policy`` amounts to in this process: ``jemalloc`` (loaded), ``keep`` or ``system`` (glibc)."""
+def allocator() -> str:
+    """The ``malloc`` of this process: ``jemalloc`` (preloaded) or ``glibc`` (Linux), else ``system``."""
     if jemalloc_loaded():
         return "jemalloc"
-    return "keep" if policy == "auto" else policy
+    return "glibc" if sys.platform.startswith("linux") else "system"
+
+
+def malloc_in_use(policy: str) -> str:
+    """The policy ``policy`` amounts to: ``auto`` is ``jemalloc`` where jemalloc is loaded, else ``keep``."""
+    if policy == "auto":
+        return "jemalloc" if jemalloc_loaded() else "keep"
+    return policy
 
 
 def set_malloc_policy(policy: str) -> bool:

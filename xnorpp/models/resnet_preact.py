@@ -240,8 +240,8 @@ class PreActBinaryResNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         self._check_input(x)
-        # relu(maxpool(.)) == maxpool(relu(.)), values and gradients (both monotone, first maximum
-        # kept): the ReLU then runs on the pooled, 4x smaller tensor
+        # relu(maxpool(.)) == maxpool(relu(.)) in values and gradients (both monotone, the first maximum
+        # kept; only a zero's sign may differ): the ReLU then runs on the pooled, 4x smaller tensor
         x = self.relu(self.maxpool(self.bn1(self.conv1(x))))
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 

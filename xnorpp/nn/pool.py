@@ -11,7 +11,8 @@ stem (conv, BN, ReLU, pool, forward and backward) measured 285 -> 210 ms per ste
 Results are identical to :func:`torch.nn.functional.max_pool2d`: both kernels scan each window in the
 same order and keep the first maximum (a NaN wins, as there), so the same indices route the same
 gradients. Other inputs (CUDA, channels-last, unbatched, ``torch.compile`` tracing, indices asked for)
-go to :func:`torch.nn.functional.max_pool2d` unchanged.
+go to :func:`torch.nn.functional.max_pool2d` unchanged, as do ``torch.func`` transforms. Double backward
+works (the backward is PyTorch's differentiable max-pool backward); TorchScript does not script it.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.autograd.function import FunctionCtx, once_differentiable
+from torch.autograd.function import FunctionCtx
 from torch.nn.modules.utils import _pair
 
 __all__ = ["MaxPool2d", "max_pool2d"]
@@ -44,8 +45,8 @@ class _MaxPool2dNCHW(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        # differentiable (double backward): autograd knows this op's own derivative, as for F.max_pool2d
         x, idx = ctx.saved_tensors
         grad_x = torch.ops.aten.max_pool2d_with_indices_backward(grad.contiguous(), x, *ctx.args, idx)
         return grad_x, None, None, None, None, None
@@ -59,6 +60,7 @@ def _fast_path(x: Tensor) -> bool:
         and x.is_contiguous()
         and not x.is_contiguous(memory_format=torch.channels_last)  # C == 1 or 1x1: nothing to gain
         and not torch.compiler.is_compiling()
+        and not torch._C._are_functorch_transforms_active()  # torch.func: PyTorch's op has the rules
     )
 
 
