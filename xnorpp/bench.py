@@ -684,7 +684,8 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
     settings.update(
         preset=preset, device=args.device, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads or available_cores(), in_process=args.in_process,
-        malloc=malloc_in_use(args.malloc), allocator=allocator(), kernels=args.kernels, int8_conv=args.int8_conv, memory_pass=args.memory_pass,
+        malloc=malloc_in_use(args.malloc), allocator=allocator(), kernels=args.kernels,
+        int8_conv=args.int8_conv, memory_pass=args.memory_pass,
     )  # fmt: skip
     return settings
 
@@ -728,10 +729,7 @@ def _nan_to_none(obj: Any) -> Any:
 
 if __name__ == "__main__":
     # as train.py: jemalloc preloaded where installed (the workers inherit it), unless asked for glibc
-    _glibc = any(a in ("--malloc=keep", "--malloc=system") for a in sys.argv) or any(
-        a == "--malloc" and b in ("keep", "system") for a, b in zip(sys.argv, sys.argv[1:])
-    )
-    preload_jemalloc(keep_glibc=_glibc)
+    preload_jemalloc(keep_glibc=build_parser().parse_args().malloc in ("keep", "system"))
     from xnorpp.bench import main as _main  # the importable module, so that workers unpickle its functions
 
     _main()
