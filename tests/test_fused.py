@@ -12,11 +12,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import xnorpp  # noqa: F401  (registers the models)
-from xnorpp.nn import BinaryConv2d, conv_output_size, int8_conv, weight_sign
+from xnorpp.nn import BinaryConv2d, conv_output_size, int8_conv, kernels, weight_sign
 from xnorpp.nn.fused import binary_input_conv2d, can_fuse, fused_binary_conv_forward, set_fused
 from xnorpp.nn.kernels import code_sign, masked_grad, sign_code
 
 H = 9  # input height/width of the single-layer tests
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel_mode() -> Any:
+    """Tests may switch the kernels (eager: PyTorch ops; compiled: torch.compile'd sign, C epilogues)."""
+    old = kernels.get_kernels()
+    yield
+    kernels.set_kernels(old)
 
 
 def make_conv(cin: int = 8, cout: int = 12, k: int = 3, seed: int = 0, **kwargs: Any) -> BinaryConv2d:
@@ -82,12 +90,14 @@ CONV_CASES: list[dict[str, Any]] = [
 ]
 
 
+@pytest.mark.parametrize("kernel_mode", ["eager", "compiled"])
 @pytest.mark.parametrize("int8", [True, False], ids=["int8_conv", "fp32_conv"])
 @pytest.mark.parametrize("case", CONV_CASES, ids=lambda c: "-".join(f"{k}{v}" for k, v in c.items()))
 def test_fused_output_and_gradients_equal_unfused_bit_for_bit(
-    case: dict[str, Any], int8: bool, monkeypatch: pytest.MonkeyPatch
+    case: dict[str, Any], int8: bool, kernel_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(int8_conv, "_enabled", int8)  # the fused forward conv in int8 (CPU default) or fp32
+    kernels.set_kernels(kernel_mode)
     conv = make_conv(**case)
     assert conv.fused
     x = make_input((4, 8, H, H))
@@ -97,7 +107,9 @@ def test_fused_output_and_gradients_equal_unfused_bit_for_bit(
     assert_same(forward_backward(conv, x, fused=True), forward_backward(conv, x, fused=False), rounding)
 
 
-def test_fused_equal_unfused_in_channels_last() -> None:
+@pytest.mark.parametrize("kernel_mode", ["eager", "compiled"])
+def test_fused_equal_unfused_in_channels_last(kernel_mode: str) -> None:
+    kernels.set_kernels(kernel_mode)
     conv = make_conv(scale="rank1", padding=1).to(memory_format=torch.channels_last)
     x = make_input((4, 8, H, H)).contiguous(memory_format=torch.channels_last)
     fused = forward_backward(conv, x, fused=True)
@@ -257,12 +269,14 @@ def small_resnet(fused: bool) -> nn.Module:
     return model
 
 
+@pytest.mark.parametrize("kernel_mode", ["eager", "compiled"])
 @pytest.mark.parametrize("int8", [True, False], ids=["int8_conv", "fp32_conv"])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_resnet18_trains_a_step_identically_fused_and_unfused(
-    channels_last: bool, int8: bool, monkeypatch: pytest.MonkeyPatch
+    channels_last: bool, int8: bool, kernel_mode: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(int8_conv, "_enabled", int8)
+    kernels.set_kernels(kernel_mode)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3)).contiguous(memory_format=fmt)
     y = torch.tensor([0, 3, 7, 9])

@@ -40,10 +40,9 @@ from torch.autograd.function import FunctionCtx, once_differentiable
 
 from .int8_conv import binary_conv2d_int8, int8_conv_applies
 from .kernels import (
-    batch_sum,
     code_sign,
+    gamma_backward,
     gamma_forward,
-    grad_times_y,
     layout_like,
     masked_grad,
     memory_format_of,
@@ -132,7 +131,7 @@ class BinaryInputConv2dFn(torch.autograd.Function):
         if binarize_weight and int8_conv_applies(x, weight, dtype, out_size, groups, bias):
             xu, code = sign_code_u8(x)  # exact int8 conv, fp32 result
             w, saved_w = sign_code(centre_weight(weight) if centre else weight, torch.int8)
-            y = binary_conv2d_int8(xu, w, stride, padding, dilation, groups, memory_format_of(x))
+            y = binary_conv2d_int8(xu, w, stride, padding, dilation, groups, None)  # channels-last
             del xu, w
         else:
             xb, code = sign_code(x, dtype)
@@ -143,15 +142,21 @@ class BinaryInputConv2dFn(torch.autograd.Function):
             y = F.conv2d(xb, w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
             del xb, w
         saved_y = None
-        out = y
-        if gamma is not None:
-            g = layout_like(gamma.to(y.dtype), y)
-            if not gamma.requires_grad:
-                out = y.mul_(g)
-            elif binarize_weight and math.prod(weight.shape[1:]) <= _INT16_SAFE:
-                out, saved_y = gamma_forward(y, g)  # y is an exact integer sum: kept as int16
-            else:
-                out, saved_y = y * g, y
+        fmt = memory_format_of(x)
+        if (
+            gamma is not None
+            and gamma.requires_grad
+            and binarize_weight
+            and math.prod(weight.shape[1:]) <= _INT16_SAFE
+        ):
+            out, saved_y = gamma_forward(
+                y, gamma.to(y.dtype), fmt
+            )  # y is an exact integer sum: kept as int16
+        else:
+            out = y = y.contiguous(memory_format=fmt)  # the int8 conv's result is channels-last
+            if gamma is not None:
+                g = layout_like(gamma.to(y.dtype), y)
+                out, saved_y = (y * g, y) if gamma.requires_grad else (y.mul_(g), None)
         ctx.save_for_backward(code, saved_w, gamma, saved_y)
         ctx.conv = (stride, padding, dilation, groups)
         ctx.meta = (
@@ -169,12 +174,7 @@ class BinaryInputConv2dFn(torch.autograd.Function):
         need_x, need_w, need_b, need_g = ctx.needs_input_grad[:4]
         grad_gamma = None
         if gamma is not None:
-            buf = None
-            if need_g:  # dGamma = sum over the broadcast dims of grad * y
-                exact = saved_y.dtype == torch.int16  # else saved_y is y itself: keep it intact
-                buf = grad_times_y(grad, saved_y) if exact else grad * saved_y
-                grad_gamma = batch_sum(buf, gamma.shape).to(gamma.dtype)
-            grad = torch.mul(grad, layout_like(gamma.to(grad.dtype), grad), out=buf)  # reuse the buffer
+            grad_gamma, grad = gamma_backward(grad, saved_y, gamma, need_g)
         grad_x = grad_w = grad_b = None
         if need_x or need_w or need_b:
             w = code_sign(saved_w, dtype) if binarize_weight else saved_w.to(dtype)

@@ -149,12 +149,13 @@ def binary_conv2d_int8(
     padding: tuple[int, ...],
     dilation: tuple[int, ...],
     groups: int,
-    memory_format: torch.memory_format = torch.contiguous_format,
+    memory_format: torch.memory_format | None = torch.contiguous_format,
 ) -> Tensor:
     """``conv2d(u - 1, w)`` in fp32, exact: ``u`` is ``sign(x) + 1`` as ``uint8``, ``w`` is ``+-1`` as ``int8``.
 
-    oneDNN returns channels-last; the result is returned in ``memory_format``.
+    oneDNN returns channels-last; the result is returned in ``memory_format`` (``None``: as returned).
     """
     global _calls
     _calls += 1
-    return _conv(u, w, stride, padding, dilation, groups).contiguous(memory_format=memory_format)
+    y = _conv(u, w, stride, padding, dilation, groups)
+    return y if memory_format is None else y.contiguous(memory_format=memory_format)

@@ -9,9 +9,11 @@ memory traffic, so the number of passes over an activation is what counts.
 ``torch.compile`` (Inductor: C++ on CPU, Triton on CUDA; ``dynamic=True``, so one compilation
 serves every shape; ~6 s once, then cached on disk): 9 bytes per element, measured 3.5x faster on
 cold data of ResNet-18's first stage. The other kernels stay eager: Inductor's code for ``int8``
-inputs measured 2-4x slower than the eager ops here. Eager and compiled give bit-identical results
-(the same element-wise arithmetic). If compiling fails (no C++ compiler, an unsupported device), the
-first call warns once, names the cause and falls back to the eager kernel.
+inputs measured 2-7x slower than the eager ops here, so in ``"compiled"`` mode on CPU those run as the
+C loops of :mod:`xnorpp.nn.native` instead (one pass each where PyTorch takes two to four). Eager and
+compiled give bit-identical results (the same element-wise arithmetic). If compiling fails (no C++
+compiler, an unsupported device), the first call warns once, names the cause and falls back to the
+eager kernel.
 """
 
 from __future__ import annotations
@@ -22,15 +24,16 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from . import native
 from .sign import binary_sign
 
 __all__ = [
     "KERNEL_MODES",
     "batch_sum",
     "code_sign",
+    "gamma_backward",
     "gamma_forward",
     "get_kernels",
-    "grad_times_y",
     "layout_like",
     "masked_grad",
     "memory_format_of",
@@ -87,6 +90,7 @@ _RECOMPILE_LIMIT = 64
 _mode = "eager"
 _compiled: dict[Callable[..., tuple[Tensor, Tensor]], Callable[..., tuple[Tensor, Tensor]]] = {}
 _failed: str | None = None  # why compiling failed, once it has
+_native_warned = False
 
 
 def set_kernels(mode: str) -> None:
@@ -127,6 +131,34 @@ def _run(kernel: Callable[..., tuple[Tensor, Tensor]], x: Tensor, *args: object)
     return kernel(x, *args)
 
 
+def _native(*tensors: Tensor) -> bool:
+    """Whether to run a job on :mod:`~xnorpp.nn.native`'s C loops: ``"compiled"`` mode, CPU tensors,
+    outside ``torch.compile`` tracing, the library built (else a warning, once, and the eager ops)."""
+    global _native_warned
+    if _mode != "compiled" or torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
+        return False
+    if native.available():
+        return True
+    if not _native_warned:
+        _native_warned = True
+        warnings.warn(
+            f"building the binary layers' C kernels failed ({native.unavailable_reason()}); using PyTorch's "
+            "ops for them (same results, slower on CPU). Install a C compiler, or set trainer.kernels=eager "
+            "(xnorpp.nn.set_kernels('eager')) to skip building.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+def _dense(t: Tensor) -> bool:
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+
+def _same_memory_order(a: Tensor, b: Tensor) -> bool:
+    return native.same_memory_order(a, b) and _dense(a) and _dense(b)
+
+
 def sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """``(sign(x) in dtype, code)``: ``+1`` where ``x >= 0`` (``-0.0`` too) else ``-1``, and the ``int8``
     code ``sign * (1 + window)``, ``window = 1`` where ``-1 <= x <= 1``: ``-2, -1, +1, +2``.
@@ -145,18 +177,64 @@ def sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
 
 def code_sign(code: Tensor, dtype: torch.dtype) -> Tensor:
     """The ``+-1`` tensor a :func:`sign_code` code holds, in ``dtype``."""
+    fmt = memory_format_of(code)
+    if dtype == torch.float32 and code.is_contiguous(memory_format=fmt) and _native(code):
+        return native.code_sign(code, fmt)
     return code.to(dtype).clamp_(-1, 1)
 
 
 def masked_grad(grad: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
     """``grad`` in ``dtype`` where the code's STE window is 1 (``|code| = 2``), else 0; may reuse ``grad``."""
+    if grad.dtype == dtype == torch.float32 and _same_memory_order(grad, code) and _native(grad):
+        return native.masked_grad_(grad, code)
     return grad.to(dtype).mul_(code.abs().bitwise_right_shift_(1))
 
 
-def gamma_forward(y: Tensor, gamma: Tensor) -> tuple[Tensor, Tensor]:
-    """``(y * gamma, y as int16)`` for ``y`` holding exact integer sums; the product is written into ``y``."""
+def gamma_forward(
+    y: Tensor, gamma: Tensor, memory_format: torch.memory_format = torch.contiguous_format
+) -> tuple[Tensor, Tensor]:
+    """``(y * gamma, y as int16)`` in ``memory_format``, for ``y`` holding exact integer sums and ``gamma``
+    broadcastable to ``y``'s (C, H, W). The product may be written into ``y``.
+
+    A channels-last fp32 ``y`` (the ``int8`` conv's result) is laid out in ``memory_format`` on the way,
+    in one pass by the C kernel in ``"compiled"`` mode.
+    """
+    if (
+        y.dim() == 4
+        and y.dtype == gamma.dtype == torch.float32
+        and y.is_contiguous(memory_format=torch.channels_last)
+        and gamma.dim() <= 3
+        and _native(y, gamma)
+    ):
+        return native.gamma_forward(y, gamma.expand(y.shape[1:]), memory_format)
+    y = y.contiguous(memory_format=memory_format)
     saved = y.to(torch.int16)
-    return y.mul_(gamma), saved
+    return y.mul_(layout_like(gamma, y)), saved
+
+
+def gamma_backward(
+    grad: Tensor, saved_y: Tensor, gamma: Tensor, need_gamma: bool
+) -> tuple[Tensor | None, Tensor]:
+    """``(dGamma, grad * gamma)`` for ``out = y * gamma``: ``dGamma = sum of grad * y`` over ``gamma``'s
+    broadcast dims (:func:`batch_sum`; ``None`` unless ``need_gamma``), ``y`` saved as ``int16`` (exact)
+    or in ``grad``'s dtype, ``gamma`` broadcastable to ``grad``'s (C, H, W)."""
+    g = gamma.to(grad.dtype)
+    if not need_gamma:
+        return None, torch.mul(grad, layout_like(g, grad))
+    if saved_y.dtype != torch.int16:  # y itself: keep it intact
+        return batch_sum(grad * saved_y, gamma.shape).to(gamma.dtype), torch.mul(grad, layout_like(g, grad))
+    if (
+        grad.dim() == 4
+        and grad.dtype == torch.float32
+        and _same_memory_order(grad, saved_y)
+        and _native(grad)
+    ):
+        row = layout_like(g.expand(grad.shape[1:]).contiguous(), grad)
+        prod, scaled = native.gamma_backward(grad, saved_y, row[0] if row.dim() == 4 else row)
+        return batch_sum(prod, gamma.shape).to(gamma.dtype), scaled
+    buf = saved_y.to(grad.dtype).mul_(grad)
+    grad_gamma = batch_sum(buf, gamma.shape).to(gamma.dtype)
+    return grad_gamma, torch.mul(grad, layout_like(g, grad), out=buf)  # reuses the buffer
 
 
 def layout_like(g: Tensor, y: Tensor) -> Tensor:
@@ -177,8 +255,3 @@ def batch_sum(t: Tensor, shape: torch.Size) -> Tensor:
     if t.dim() == 4 and tuple(shape) == tuple(t.shape[1:]) and t.is_contiguous():
         return t.view(t.shape[0], -1).sum(0).view(shape)
     return t.sum_to_size(shape)
-
-
-def grad_times_y(grad: Tensor, saved_y: Tensor) -> Tensor:
-    """``grad * y`` (``y`` saved as ``int16``) in ``grad``'s dtype: the product whose sum is ``dGamma``."""
-    return saved_y.to(grad.dtype).mul_(grad)

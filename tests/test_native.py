@@ -1,0 +1,183 @@
+"""The C kernels of the fused binary conv: bit-identical to PyTorch's ops, used in compiled mode, loud fallback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import Tensor
+
+from xnorpp.nn import kernels, native
+
+CL = torch.channels_last
+SHAPES = [(3, 5, 7, 9), (2, 64, 56, 56), (4, 17, 3, 33), (1, 1, 1, 1), (5, 19, 1, 1)]
+
+
+@pytest.fixture
+def compiled() -> Iterator[None]:
+    old = kernels.get_kernels()
+    kernels.set_kernels("compiled")
+    yield
+    kernels.set_kernels(old)
+
+
+def codes(shape: tuple[int, ...], seed: int = 0) -> Tensor:
+    """Random int8 codes from {-2, -1, 1, 2}."""
+    gen = torch.Generator().manual_seed(seed)
+    c = torch.randint(0, 4, shape, generator=gen, dtype=torch.int8)
+    return torch.tensor([-2, -1, 1, 2], dtype=torch.int8)[c.long()]
+
+
+def grads(shape: tuple[int, ...], seed: int = 1) -> Tensor:
+    """Gaussian gradients with NaN, +-inf and -0.0 planted (their products with 0 and 1 must match too)."""
+    g = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), -0.0, 0.0])
+    n = min(g.numel(), special.numel())
+    g.view(-1)[:n] = special[:n]
+    return g
+
+
+def same_bits(a: Tensor, b: Tensor) -> bool:
+    """Equal bit patterns (NaN == NaN, -0.0 != 0.0), shape, dtype and memory order."""
+    if a.shape != b.shape or a.dtype != b.dtype or not native.same_memory_order(a, b):
+        return False
+    if a.dtype == torch.float32:
+        return torch.equal(a.contiguous().view(torch.int32), b.contiguous().view(torch.int32))
+    return torch.equal(a, b)
+
+
+def test_the_library_builds_here() -> None:
+    assert native.available(), native.unavailable_reason()
+    assert native.unavailable_reason() is None
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_code_sign_and_masked_grad_equal_the_pytorch_ops(
+    shape: tuple[int, ...], fmt: torch.memory_format
+) -> None:
+    code = codes(shape).contiguous(memory_format=fmt)
+    want = code.to(torch.float32).clamp_(-1, 1)
+    assert same_bits(native.code_sign(code, fmt), want)
+    grad = grads(shape).contiguous(memory_format=fmt)
+    want = grad.clone().mul_(code.abs().bitwise_right_shift_(1))
+    got = grad.clone()
+    assert native.masked_grad_(got, code) is not None
+    assert same_bits(got, want)
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, CL], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_gamma_kernels_equal_the_pytorch_ops(shape: tuple[int, ...], fmt: torch.memory_format) -> None:
+    _, c, h, w = shape
+    gen = torch.Generator().manual_seed(2)
+    y = (
+        torch.randint(-4608, 4609, shape, generator=gen).float().contiguous(memory_format=CL)
+    )  # as the int8 conv
+    gamma = torch.rand(c, h, w, generator=gen) + 0.5
+    out, y16 = native.gamma_forward(y, gamma, fmt)
+    want = y.contiguous(memory_format=fmt)
+    assert same_bits(y16, want.to(torch.int16))
+    assert same_bits(out, want * gamma)
+    grad = grads(shape).contiguous(memory_format=fmt)
+    row = (gamma.unsqueeze(0).contiguous(memory_format=fmt))[0]
+    prod, scaled = native.gamma_backward(grad, y16, row)
+    assert same_bits(prod, y16.to(torch.float32) * grad)
+    assert same_bits(scaled, grad * gamma)
+
+
+def test_wrong_inputs_are_errors_that_name_the_problem() -> None:
+    code = codes((2, 3, 4, 5))
+    with pytest.raises(ValueError, match=r"code must be a CPU torch\.int8 tensor"):
+        native.code_sign(code.float())
+    with pytest.raises(ValueError, match="dense"):
+        native.code_sign(code[:, :, ::2])
+    with pytest.raises(ValueError, match="one shape and one dense memory order"):
+        native.masked_grad_(torch.zeros(2, 3, 4, 5).contiguous(memory_format=CL), code)
+    with pytest.raises(ValueError, match="channels-last"):
+        native.gamma_forward(torch.zeros(2, 3, 4, 5), torch.ones(3, 4, 5), torch.contiguous_format)
+    with pytest.raises(ValueError, match=r"gamma must have shape \(3, 4, 5\)"):
+        native.gamma_forward(torch.zeros(2, 3, 4, 5).contiguous(memory_format=CL), torch.ones(3, 1, 1), CL)
+    with pytest.raises(ValueError, match="gamma must be laid out as one sample of grad"):
+        native.gamma_backward(
+            torch.zeros(2, 3, 4, 5), torch.zeros(2, 3, 4, 5, dtype=torch.int16), torch.ones(3, 1, 1)
+        )
+
+
+def test_compiled_mode_runs_the_epilogues_in_c_with_identical_results(
+    compiled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[str] = []
+    for name in ("code_sign", "masked_grad_", "gamma_forward", "gamma_backward"):
+        fn = getattr(native, name)
+        monkeypatch.setattr(native, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+    y = (
+        torch.randint(-50, 51, (4, 6, 5, 7)).float().contiguous(memory_format=CL)
+    )  # as the int8 conv returns it
+    gamma = torch.rand(6, 5, 7) + 0.5
+    code, grad = codes((4, 6, 5, 7)), grads((4, 6, 5, 7), seed=3)
+    results = []
+    for mode in ("compiled", "eager"):
+        kernels.set_kernels(mode)
+        out, y16 = kernels.gamma_forward(y.clone(), gamma)
+        dgamma, scaled = kernels.gamma_backward(grad, y16, gamma, True)
+        xb = kernels.code_sign(code, torch.float32)
+        masked = kernels.masked_grad(grad.clone(), code, torch.float32)
+        results.append((out, y16, dgamma, scaled, xb, masked))
+        if mode == "compiled":
+            assert sorted(calls) == ["code_sign", "gamma_backward", "gamma_forward", "masked_grad_"]
+    assert len(calls) == 4  # eager mode never calls the C kernels
+    for a, b in zip(*results):
+        assert same_bits(a, b)
+    assert results[0][0].is_contiguous()  # the NCHW network gets NCHW outputs
+
+
+def test_a_failed_build_warns_once_and_falls_back_to_identical_results(
+    compiled: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XNORPP_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", "false")  # a "compiler" that always fails
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setattr(kernels, "_native_warned", False)
+    code = codes((2, 3, 4, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = kernels.code_sign(code, torch.float32)
+        second = kernels.masked_grad(grads((2, 3, 4, 5)), code, torch.float32)
+    messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(messages) == 1, messages
+    assert "building the binary layers' C kernels failed" in messages[0] and "false" in messages[0]
+    assert "trainer.kernels=eager" in messages[0]
+    assert not native.available() and "failed" in (native.unavailable_reason() or "")
+    assert list(tmp_path.iterdir()) == []  # no half-written library left behind
+    kernels.set_kernels("eager")
+    assert same_bits(first, kernels.code_sign(code, torch.float32))
+    assert same_bits(second, kernels.masked_grad(grads((2, 3, 4, 5)), code, torch.float32))
+
+
+def test_the_library_is_built_once_per_cache_and_reused(tmp_path: Path) -> None:
+    """A fresh cache gets one library file; a second process loads it without building again."""
+    script = (
+        "from xnorpp.nn import native; assert native.available(), native.unavailable_reason(); "
+        "print(native.library_path(native._compiler()))"
+    )
+    env = {**os.environ, "XNORPP_CACHE_DIR": str(tmp_path)}
+    first = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    path = Path(first.stdout.strip())
+    assert path.parent == tmp_path and path.exists()
+    mtime = path.stat().st_mtime_ns
+    second = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True
+    )
+    assert Path(second.stdout.strip()) == path and path.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
