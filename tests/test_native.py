@@ -92,6 +92,17 @@ def test_gamma_kernels_equal_the_pytorch_ops(shape: tuple[int, ...], fmt: torch.
     assert same_bits(scaled, grad * gamma)
 
 
+@pytest.mark.parametrize("shape", [*SHAPES, (2, 24, 4, 8)], ids=str)
+def test_sign_code_u8_equals_the_eager_kernel_with_a_channels_last_operand(shape: tuple[int, ...]) -> None:
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 1.5
+    special = torch.tensor([-1.0, 1.0, 0.0, -0.0, -1.0000001, 1.0000001, 0.9999999, -0.9999999])
+    x.view(-1)[: min(x.numel(), 8)] = special[: x.numel()]
+    u, code = native.sign_code_u8(x)
+    want_u, want_code = kernels._sign_code_u8(x)  # the eager definition
+    assert u.is_contiguous(memory_format=CL) and code.is_contiguous()
+    assert torch.equal(u, want_u) and torch.equal(code, want_code)
+
+
 def test_wrong_inputs_are_errors_that_name_the_problem() -> None:
     code = codes((2, 3, 4, 5))
     with pytest.raises(ValueError, match=r"code must be a CPU torch\.int8 tensor"):
@@ -100,6 +111,8 @@ def test_wrong_inputs_are_errors_that_name_the_problem() -> None:
         native.code_sign(code[:, :, ::2])
     with pytest.raises(ValueError, match="one shape and one dense memory order"):
         native.masked_grad_(torch.zeros(2, 3, 4, 5).contiguous(memory_format=CL), code)
+    with pytest.raises(ValueError, match=r"x must be a contiguous \(NCHW\) 4-d tensor"):
+        native.sign_code_u8(torch.zeros(2, 3, 4, 5).contiguous(memory_format=CL))
     with pytest.raises(ValueError, match="channels-last"):
         native.gamma_forward(torch.zeros(2, 3, 4, 5), torch.ones(3, 4, 5), torch.contiguous_format)
     with pytest.raises(ValueError, match=r"gamma must have shape \(3, 4, 5\)"):
@@ -114,7 +127,7 @@ def test_compiled_mode_runs_the_epilogues_in_c_with_identical_results(
     compiled: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[str] = []
-    for name in ("code_sign", "masked_grad_", "gamma_forward", "gamma_backward"):
+    for name in ("sign_code_u8", "code_sign", "masked_grad_", "gamma_forward", "gamma_backward"):
         fn = getattr(native, name)
         monkeypatch.setattr(native, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
     y = (
@@ -122,18 +135,30 @@ def test_compiled_mode_runs_the_epilogues_in_c_with_identical_results(
     )  # as the int8 conv returns it
     gamma = torch.rand(6, 5, 7) + 0.5
     code, grad = codes((4, 6, 5, 7)), grads((4, 6, 5, 7), seed=3)
+    x = grads((4, 6, 5, 7), seed=4).nan_to_num_(0.0) * 1.5  # (NaN's sign is undefined in the eager kernel)
     results = []
     for mode in ("compiled", "eager"):
         kernels.set_kernels(mode)
+        u, x_code = kernels.sign_code_u8(x)
         out, y16 = kernels.gamma_forward(y.clone(), gamma)
         dgamma, scaled = kernels.gamma_backward(grad, y16, gamma, True)
         xb = kernels.code_sign(code, torch.float32)
         masked = kernels.masked_grad(grad.clone(), code, torch.float32)
-        results.append((out, y16, dgamma, scaled, xb, masked))
+        results.append((x_code, out, y16, dgamma, scaled, xb, masked))
         if mode == "compiled":
-            assert sorted(calls) == ["code_sign", "gamma_backward", "gamma_forward", "masked_grad_"]
-    assert len(calls) == 4  # eager mode never calls the C kernels
-    for a, b in zip(*results):
+            assert sorted(calls) == [
+                "code_sign",
+                "gamma_backward",
+                "gamma_forward",
+                "masked_grad_",
+                "sign_code_u8",
+            ]
+            assert u.is_contiguous(memory_format=CL)  # as oneDNN reads it
+        else:
+            assert u.is_contiguous()
+        results[-1] += (u.contiguous(),)
+    assert len(calls) == 5  # eager mode never calls the C kernels
+    for a, b in zip(*results, strict=True):
         assert same_bits(a, b)
     assert results[0][0].is_contiguous()  # the NCHW network gets NCHW outputs
 

@@ -276,8 +276,8 @@ def warm_up_fused(device: torch.device | str = "cpu", autocast_dtype: torch.dtyp
     """One tiny forward and backward of the fused node on ``device`` (under autocast to
     ``autocast_dtype`` if given), before training.
 
-    It compiles the sign kernels the binary layers will use (``trainer.kernels=compiled``) and probes
-    the ``int8`` conv, so the first training step takes no compile time, and so the compiler's own
+    It compiles the sign kernels the binary layers will use (``trainer.kernels=compiled``; on CPU also
+    builds or loads the C kernels of :mod:`xnorpp.nn.native`) and probes the ``int8`` conv, so the first training step takes no compile time, and so the compiler's own
     host memory (~80 MB, plus its modules) is allocated before the activations instead of between
     them in the CPU heap. The trainer and the benchmark call it for CPU runs only: on CUDA the
     activations are not in that heap, and compiling on the first real activation measured ~3% faster
@@ -285,9 +285,14 @@ def warm_up_fused(device: torch.device | str = "cpu", autocast_dtype: torch.dtyp
     """
     dev = torch.device(device)
     # activation-sized: the compiler tunes its kernels for the sizes it first sees
-    x = torch.linspace(-2, 2, 8 * 64 * 32 * 32, device=dev).view(8, 64, 32, 32).requires_grad_()
+    x = torch.linspace(-2, 2, 8 * 64 * 32 * 32, device=dev).view(8, 64, 32, 32)
     w = torch.linspace(-1, 1, 64 * 64 * 3 * 3, device=dev).view(64, 64, 3, 3).requires_grad_()
     gamma = torch.ones(64, 1, 1, device=dev, requires_grad=True)
-    with torch.autocast(dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-        out = binary_input_conv2d(x, w, None, gamma, (1, 1), (1, 1), (1, 1), 1, True, True)
-    out.float().sum().backward()
+    # both layouts: on CPU an NCHW input's int8 operand comes from a C kernel, a channels-last one's not
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        xf = x.contiguous(memory_format=fmt).requires_grad_()
+        with torch.autocast(
+            dev.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+        ):
+            out = binary_input_conv2d(xf, w, None, gamma, (1, 1), (1, 1), (1, 1), 1, True, True)
+        out.float().sum().backward()

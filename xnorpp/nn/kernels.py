@@ -172,6 +172,8 @@ def sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
 def sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(sign(x) + 1 as uint8, code)``: ``0`` or ``2``, the input of the ``int8`` conv
     (:mod:`xnorpp.nn.int8_conv`, zero point 1), and the code of :func:`sign_code`, in one pass."""
+    if x.dim() == 4 and x.dtype == torch.float32 and x.is_contiguous() and _native(x):
+        return native.sign_code_u8(x)  # the operand channels-last, as oneDNN wants it: no copy there
     return _run(_sign_code_u8, x)
 
 

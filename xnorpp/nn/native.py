@@ -7,6 +7,8 @@ to four such passes over an activation. ``torch.compile``'s C++ code for ``int8`
 ``csrc/binary_kernels.c`` do each of these jobs in one pass, with the same fp32 arithmetic
 (bit-identical results):
 
+- :func:`sign_code_u8`: the ``int8`` conv's ``uint8`` operand, written channels-last as oneDNN reads
+  it (else it copies it), and the saved ``int8`` code, from an NCHW input;
 - :func:`code_sign`: the ``+-1`` input of the weight gradient from the saved ``int8`` codes;
 - :func:`masked_grad_`: the STE window applied to the input gradient, in place;
 - :func:`gamma_backward`: ``grad * y`` (summed to ``dGamma``) and ``grad * Gamma`` from the ``int16`` y;
@@ -44,6 +46,7 @@ __all__ = [
     "library_path",
     "masked_grad_",
     "same_memory_order",
+    "sign_code_u8",
     "unavailable_reason",
 ]
 
@@ -56,6 +59,7 @@ _SIGNATURES: dict[str, list[type]] = {
     "xnorpp_gamma_backward_f32": [_P, _P, _P, _P, _P, _I64, _I64, _INT],
     "xnorpp_gamma_forward_nhwc_to_nchw_f32": [_P, _P, _P, _P, _I64, _I64, _I64, _INT],
     "xnorpp_gamma_forward_f32": [_P, _P, _P, _P, _I64, _I64, _INT],
+    "xnorpp_sign_code_u8_nchw_to_nhwc": [_P, _P, _P, _I64, _I64, _I64, _INT],
 }
 
 _lock = threading.Lock()
@@ -245,3 +249,18 @@ def gamma_forward(y: Tensor, gamma: Tensor, memory_format: torch.memory_format) 
             y.data_ptr(), g.data_ptr(), out.data_ptr(), y16.data_ptr(), n, c, h * w, nt
         )
     return out, y16
+
+
+def sign_code_u8(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sign(x) + 1 as uint8, code)`` as :func:`xnorpp.nn.kernels.sign_code_u8` for a contiguous (NCHW)
+    fp32 ``x``, with the ``uint8`` operand in channels-last memory order (the code in ``x``'s)."""
+    _check(x, torch.float32, "x")
+    if x.dim() != 4 or not x.is_contiguous():
+        raise ValueError("x must be a contiguous (NCHW) 4-d tensor")
+    n, c, h, w = x.shape
+    u = torch.empty_like(x, dtype=torch.uint8, memory_format=torch.channels_last)
+    code = torch.empty_like(x, dtype=torch.int8, memory_format=torch.contiguous_format)
+    _lib_or_raise().xnorpp_sign_code_u8_nchw_to_nhwc(
+        x.data_ptr(), u.data_ptr(), code.data_ptr(), n, c, h * w, torch.get_num_threads()
+    )
+    return u, code

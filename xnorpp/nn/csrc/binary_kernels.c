@@ -5,6 +5,7 @@
  * fp32 multiply per element and no contraction (built with -ffp-contract=off): bit-identical.
  * Tensors are flat arrays in memory order; nt is the number of OpenMP threads.
  */
+#include <math.h>
 #include <stdint.h>
 
 /* out = clamp(float(code), -1, 1): the +-1 value an int8 code (-2, -1, +1, +2) holds. */
@@ -71,6 +72,13 @@ static inline void transpose8(__m256 r[8]) {
     r[7] = _mm256_permute2f128_ps(u3, u7, 0x31);
 }
 
+/* 8 floats holding small integers -> 8 int8 (truncation, as a C cast). */
+static inline void store_int8x8(int8_t *dst, __m256 v) {
+    __m256i i = _mm256_cvttps_epi32(v);
+    __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64((__m128i *)dst, _mm_packs_epi16(w, w));
+}
+
 /* 8 floats holding integers in int16 range -> 8 int16 (truncation, as a C cast). */
 static inline void store_int16x8(int16_t *dst, __m256 v) {
     __m256i i = _mm256_cvttps_epi32(v);
@@ -135,6 +143,57 @@ void xnorpp_gamma_forward_f32(const float *restrict y, const float *restrict g,
             const float v = y[r * m + j];
             out[r * m + j] = v * g[j];
             y16[r * m + j] = (int16_t)v;
+        }
+    }
+}
+
+/* The int8 conv's operands from an NCHW fp32 input x (n, c, hw): u = sign(x) + 1 (0 or 2, uint8) in
+ * channels-last order (n, hw, c), as oneDNN reads it, and the int8 code sign * (1 + [|x| <= 1]) in
+ * x's order; sign(x) = +1 where x >= 0 (-0.0 too), else -1 (NaN: -1, window 0). */
+static inline int8_t code_of(float v, uint8_t *u) {
+    const int pos = v >= 0.0f, win = fabsf(v) <= 1.0f;
+    *u = pos ? 2 : 0;
+    return (int8_t)((pos ? 1 : -1) * (1 + win));
+}
+
+void xnorpp_sign_code_u8_nchw_to_nhwc(const float *restrict x, uint8_t *restrict u,
+                                      int8_t *restrict code, int64_t n, int64_t c, int64_t hw,
+                                      int nt) {
+    const int64_t tile = 16;
+    const int64_t ptiles = (hw + tile - 1) / tile;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t t = 0; t < n * ptiles; t++) {
+        const int64_t s = t / ptiles, p0 = (t % ptiles) * tile;
+        const int64_t p1 = p0 + tile < hw ? p0 + tile : hw;
+        const float *xs = x + s * c * hw;
+        int8_t *cs = code + s * c * hw;
+        uint8_t *us = u + s * hw * c;
+        int64_t k0 = 0;
+#if defined(__AVX2__)
+        if (p1 - p0 == tile) {
+            const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+            const __m256 two = _mm256_set1_ps(2.0f);
+            const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+            for (; k0 + 8 <= c; k0 += 8) {
+                for (int64_t pb = p0; pb < p1; pb += 8) {
+                    __m256 r[8];
+                    for (int j = 0; j < 8; j++) {
+                        const int64_t o = (k0 + j) * hw + pb;
+                        const __m256 v = _mm256_loadu_ps(xs + o);
+                        const __m256 pos = _mm256_cmp_ps(v, zero, _CMP_GE_OQ);
+                        const __m256 win = _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), one, _CMP_LE_OQ);
+                        const __m256 mag = _mm256_add_ps(one, _mm256_and_ps(win, one));
+                        store_int8x8(cs + o, _mm256_blendv_ps(_mm256_sub_ps(zero, mag), mag, pos));
+                        r[j] = _mm256_and_ps(pos, two);
+                    }
+                    transpose8(r);
+                    for (int i = 0; i < 8; i++) store_int8x8((int8_t *)us + (pb + i) * c + k0, r[i]);
+                }
+            }
+        }
+#endif
+        for (int64_t k = k0; k < c; k++) {
+            for (int64_t p = p0; p < p1; p++) cs[k * hw + p] = code_of(xs[k * hw + p], us + p * c + k);
         }
     }
 }
