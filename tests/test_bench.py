@@ -33,6 +33,9 @@ def test_bench_main_in_process_writes_json_with_expected_keys(tmp_path: Path, ca
         assert ratios[key] > 0
     assert {"img_s_vs_floor", "img_s_vs_naive"} <= set(result["targets"])
     assert result["settings"]["int8_conv"] is True and "int8 conv on" in format_table(result)
+    xn, floor = result["configs"]["xnorpp"], result["configs"]["floor"]
+    assert xn["int8_conv"] and not floor["int8_conv"]  # what each configuration ran
+    assert not xn["c_kernels"] and "eager kernels, int8" in format_table(result)  # --kernels eager
     # the deterministic companion: the naive net saves its fp32 activations, xnorpp bits
     assert result["configs"]["xnorpp"]["saved_mb"] < result["configs"]["naive"]["saved_mb"]
 
@@ -52,6 +55,7 @@ def test_run_isolated_measures_peaks_in_a_fresh_process() -> None:
     assert res["peak_rss_mb"] > 0 and res["live_peak_mb"] > 0
     assert res["kernels"] == "compiled"  # the worker compiled the sign kernel (a C++ compiler is here)
     assert res["int8_conv"] is True  # fp32 on CPU: the forward convs ran as exact int8 convs
+    assert res["c_kernels"] is True  # and the element-wise work in the C kernels
 
 
 def test_naive_reference_is_the_same_math() -> None:

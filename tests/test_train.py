@@ -38,6 +38,7 @@ def test_default_trains_a_short_epoch_on_bundled_data(make_cfg, tmp_path: Path) 
     assert saved["epochs"] == 1 and saved["params/binary"] == 10_985_472
     assert saved["kernels"] == "compiled"  # the default compiles the sign kernel (a C++ compiler is here)
     assert saved["int8_conv"] is True  # fp32 on CPU: the binary forward convs ran as exact int8 convs
+    assert saved["c_kernels"] is True  # and their element-wise work in the C kernels (a C compiler is here)
     want = ("jemalloc", "jemalloc") if jemalloc_loaded() else ("keep", "glibc")  # auto, in this process
     assert (saved["malloc"], saved["allocator"]) == want
     assert 0.0 <= saved["val/top1"] <= 100.0 and saved["val/top5"] >= saved["val/top1"]

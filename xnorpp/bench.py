@@ -79,6 +79,7 @@ from .nn import BinaryConv2d, LearnedScale, ScaleFactor
 from .nn.fused import has_fused, set_fused, warm_up_fused
 from .nn.int8_conv import int8_conv_calls, int8_conv_enabled, set_int8_conv
 from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
+from .nn.native import calls as native_calls
 
 __all__ = [
     "CONFIGS",
@@ -298,7 +299,7 @@ class TrainStepRun:
         )
         self.target = torch.randint(0, num_classes, (batch_size,), device=self.dev)
         self.times: list[float] = []
-        self.int8_calls = int8_conv_calls()
+        self.int8_calls, self.c_calls = int8_conv_calls(), native_calls()
         self.base = self.built = self._base_memory()
 
     def _base_memory(self) -> int:
@@ -348,6 +349,8 @@ class TrainStepRun:
             "kernels": get_kernels(),  # "eager" if compiling failed
             # whether the binary forward convs ran as exact int8 convs (CPU, fp32, kernel available)
             "int8_conv": int8_conv_calls() > self.int8_calls,
+            # whether the binary layers' element-wise work ran in the C kernels (CPU, compiled kernels)
+            "c_kernels": native_calls() > self.c_calls,
         }
         if measure_live_peak or measure_saved:  # one more step, watched by the allocator and/or autograd
             self.opt.zero_grad(set_to_none=True)
@@ -552,6 +555,8 @@ def bench_setting(
             "peak_rss_mb_rounds": [r["peak_rss_mb"] for r in rs],
             "saved_mb_by_dtype": rs[0].get("saved_mb_by_dtype", {}),
             "built_mb": _median([r["built_mb"] for r in rs]),
+            "int8_conv": any(r["int8_conv"] for r in rs),
+            "c_kernels": any(r["c_kernels"] for r in rs),
         }
         for name, rs in runs.items()
     }
@@ -591,12 +596,14 @@ def format_table(result: dict[str, Any]) -> str:
     """Markdown report of one :func:`bench_setting` result: a table and the targets."""
     s = result["settings"]
     cuda = str(s["device"]).startswith("cuda")  # peaks are torch.cuda.max_memory_allocated there
+    c_kernels = any(c.get("c_kernels") for c in result.get("configs", {}).values())
     head = (
         f"### resnet18_preact_bin {s['image_size']}x{s['image_size']}, batch {s['batch_size']}, "
         f"{s['device']}, precision {s['precision']}{', channels_last' if s['channels_last'] else ''}"
         f"{', compiled' if s['compile'] else ''}, {s['threads']} threads, "
         f"{'' if cuda else 'malloc ' + _malloc_label(s) + ', '}"
-        f"{s.get('kernels', 'eager')} kernels{'' if cuda else ', int8 conv ' + ('on' if s.get('int8_conv') else 'off')}: "
+        f"{s.get('kernels', 'eager')} kernels{' (C)' if c_kernels else ''}"
+        f"{'' if cuda else ', int8 conv ' + ('on' if s.get('int8_conv') else 'off')}: "
         f"{s['steps']} timed steps after "
         f"{s['warmup']} warm-up, median of {s['repeats']} rounds\n\n"
     )

@@ -43,6 +43,7 @@ from .nn import SCALES, SPATIAL_SCALES
 from .nn.fused import has_fused, warm_up_fused
 from .nn.int8_conv import int8_conv_calls, set_int8_conv
 from .nn.kernels import get_kernels, set_kernels
+from .nn.native import calls as native_calls
 from .track import WandbTracker, write_results
 
 log = logging.getLogger("xnorpp")
@@ -400,7 +401,7 @@ def _fit_or_eval(
     epochs: int,
 ) -> dict[str, Any]:
     tcfg = cfg.trainer
-    int8_calls = int8_conv_calls()
+    int8_calls, c_calls = int8_conv_calls(), native_calls()
     precision = str(tcfg.precision)
     val_limit = int(tcfg.limit_val_batches) if tcfg.limit_val_batches else None
     if not cfg.train:
@@ -506,6 +507,8 @@ def _fit_or_eval(
         "kernels": get_kernels(),  # "eager" if trainer.kernels=compiled could not compile
         # whether binary forward convs ran as exact int8 convs (CPU, fp32, not compiled; xnorpp.nn.int8_conv)
         "int8_conv": int8_conv_calls() > int8_calls,
+        # whether the binary layers' element-wise work ran in the C kernels (CPU, kernels=compiled; xnorpp.nn.native)
+        "c_kernels": native_calls() > c_calls,
         # the CPU allocator policy applied (auto resolved: jemalloc or keep; None on GPU) and the allocator
         "malloc": malloc_in_use(str(cfg.trainer.malloc)) if device.type == "cpu" else None,
         "allocator": allocator(),

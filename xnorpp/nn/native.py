@@ -40,6 +40,7 @@ __all__ = [
     "SOURCE",
     "available",
     "cache_dir",
+    "calls",
     "code_sign",
     "gamma_backward",
     "gamma_forward",
@@ -66,6 +67,7 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
 _tried = False
+_calls = 0  # kernel calls in this process
 
 
 def cache_dir() -> Path:
@@ -156,10 +158,17 @@ def unavailable_reason() -> str | None:
     return _reason
 
 
+def calls() -> int:
+    """How many C kernel calls this process has made (to tell whether a run used them)."""
+    return _calls
+
+
 def _lib_or_raise() -> ctypes.CDLL:
+    global _calls
     lib = _library()
     if lib is None:
         raise RuntimeError(f"xnorpp's C kernels are unavailable: {_reason}")
+    _calls += 1
     return lib
 
 
