@@ -180,7 +180,7 @@ def test_a_failed_build_warns_once_and_falls_back_to_identical_results(
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
     assert "building the binary layers' C kernels failed" in messages[0] and "false" in messages[0]
-    assert "trainer.kernels=eager" in messages[0]
+    assert "trainer.kernels=eager" in messages[0] and str(tmp_path) in messages[0]
     assert not native.available() and "failed" in (native.unavailable_reason() or "")
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
     kernels.set_kernels("eager")
@@ -206,3 +206,14 @@ def test_the_library_is_built_once_per_cache_and_reused(tmp_path: Path) -> None:
     )
     assert Path(second.stdout.strip()) == path and path.stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_an_unwritable_cache_is_named_in_the_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cache = tmp_path / "not-a-dir"
+    cache.write_text("a file where the cache directory should be")
+    monkeypatch.setenv("XNORPP_CACHE_DIR", str(cache))
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", None)
+    assert not native.available()
+    assert str(cache) in (native.unavailable_reason() or "")

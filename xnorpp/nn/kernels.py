@@ -143,7 +143,8 @@ def _native(*tensors: Tensor) -> bool:
         _native_warned = True
         warnings.warn(
             f"building the binary layers' C kernels failed ({native.unavailable_reason()}); using PyTorch's "
-            "ops for them (same results, slower on CPU). Install a C compiler, or set trainer.kernels=eager "
+            f"ops for them (same results, slower on CPU). Install a C compiler (or set CC), make "
+            f"{native.cache_dir()} writable (or set XNORPP_CACHE_DIR), or set trainer.kernels=eager "
             "(xnorpp.nn.set_kernels('eager')) to skip building.",
             RuntimeWarning,
             stacklevel=3,
