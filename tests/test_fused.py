@@ -12,19 +12,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import xnorpp  # noqa: F401  (registers the models)
-from xnorpp.nn import BinaryConv2d, conv_output_size, int8_conv, kernels, weight_sign
+from xnorpp.nn import BinaryConv2d, conv_output_size, int8_conv, kernels, native, weight_sign
 from xnorpp.nn.fused import binary_input_conv2d, can_fuse, fused_binary_conv_forward, set_fused
-from xnorpp.nn.kernels import code_sign, masked_grad, sign_code
+from xnorpp.nn.kernels import code_sign, masked_grad, memory_format_of, sign_code
 
 H = 9  # input height/width of the single-layer tests
 
 
 @pytest.fixture(autouse=True)
-def _restore_kernel_mode() -> Any:
+def _restore_kernel_mode(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests may switch the kernels (eager: PyTorch ops; compiled: torch.compile'd sign, C epilogues)."""
-    old = kernels.get_kernels()
-    yield
-    kernels.set_kernels(old)
+    monkeypatch.setattr(kernels, "_mode", kernels._mode)
 
 
 def make_conv(cin: int = 8, cout: int = 12, k: int = 3, seed: int = 0, **kwargs: Any) -> BinaryConv2d:
@@ -56,6 +54,7 @@ def forward_backward(
     with torch.autocast("cpu", dtype=autocast or torch.bfloat16, enabled=autocast is not None):
         out = conv(x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out.dtype)
+    g = g.contiguous(memory_format=memory_format_of(out))  # as autograd's gradients come: the output's layout
     out.backward(g)
     grads = {"input": x.grad} | {n: p.grad for n, p in conv.named_parameters()}
     assert all(v is not None for v in grads.values())
@@ -65,14 +64,29 @@ def forward_backward(
 def assert_same(
     a: tuple[Tensor, dict[str, Tensor]], b: tuple[Tensor, dict[str, Tensor]], rounding: tuple[str, ...] = ()
 ) -> None:
-    """Outputs and gradients bit-identical; those named in ``rounding`` equal to float rounding."""
-    assert a[0].dtype == b[0].dtype and torch.equal(a[0], b[0])
+    """Outputs bit-identical, gradients bit-identical up to the sign of a zero (a masked weight gradient is
+    ``g * 0`` in the fused node, autograd's ``clamp`` backward writes ``+0.0``), all in the same layout;
+    gradients named in ``rounding`` equal to float rounding."""
+    assert a[0].dtype == b[0].dtype and same_bits(a[0], b[0])
     assert a[1].keys() == b[1].keys()
     for name in a[1]:
         if name in rounding:
             torch.testing.assert_close(a[1][name], b[1][name], rtol=1e-6, atol=1e-5)
             continue
-        assert torch.equal(a[1][name], b[1][name]), (name, (a[1][name] - b[1][name]).abs().max())
+        ga, gb = a[1][name], b[1][name]
+        assert same_bits(ga, gb, signed_zeros=False), (name, (ga - gb).abs().max())
+
+
+def same_bits(a: Tensor, b: Tensor, signed_zeros: bool = True) -> bool:
+    """Same shape, dtype, memory order and bit pattern (``signed_zeros=False``: -0.0 counts as 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype or not native.same_memory_order(a, b):
+        return False
+    if not signed_zeros and a.is_floating_point():
+        a, b = a + 0.0, b + 0.0  # -0.0 + 0.0 = +0.0; every other value, NaN included, unchanged
+    if a.is_floating_point():
+        bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    return torch.equal(a, b)
 
 
 CONV_CASES: list[dict[str, Any]] = [
@@ -104,7 +118,10 @@ def test_fused_output_and_gradients_equal_unfused_bit_for_bit(
     # xnor's alpha = mean|W - mean W| is a second path into the latent weight: its gradient's four
     # terms (sign path, centring, alpha path, centring) reach W in another order, so they round differently
     rounding = ("weight",) if case["scale"].startswith("xnor") else ()
-    assert_same(forward_backward(conv, x, fused=True), forward_backward(conv, x, fused=False), rounding)
+    calls = native.calls()
+    fused = forward_backward(conv, x, fused=True)
+    assert (native.calls() > calls) == (kernel_mode == "compiled")  # the C kernels ran (only) when compiled
+    assert_same(fused, forward_backward(conv, x, fused=False), rounding)
 
 
 @pytest.mark.parametrize("kernel_mode", ["eager", "compiled"])
@@ -114,6 +131,21 @@ def test_fused_equal_unfused_in_channels_last(kernel_mode: str) -> None:
     x = make_input((4, 8, H, H)).contiguous(memory_format=torch.channels_last)
     fused = forward_backward(conv, x, fused=True)
     assert fused[1]["input"].is_contiguous(memory_format=torch.channels_last)
+    assert_same(fused, forward_backward(conv, x, fused=False))
+
+
+@pytest.mark.parametrize("kernel_mode", ["eager", "compiled"])
+@pytest.mark.parametrize("int8", [True, False], ids=["int8_conv", "fp32_conv"])
+def test_fused_output_takes_the_layout_of_the_unfused_conv_with_channels_last_weights(
+    int8: bool, kernel_mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PyTorch's conv returns channels-last when the weight is: so does the fused node, int8 conv or not."""
+    monkeypatch.setattr(int8_conv, "_enabled", int8)
+    kernels.set_kernels(kernel_mode)
+    conv = make_conv(scale="rank1", padding=1).to(memory_format=torch.channels_last)
+    x = make_input((4, 8, H, H))  # NCHW
+    fused = forward_backward(conv, x, fused=True)
+    assert memory_format_of(fused[0]) == torch.channels_last
     assert_same(fused, forward_backward(conv, x, fused=False))
 
 

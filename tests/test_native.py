@@ -81,7 +81,9 @@ def test_gamma_kernels_equal_the_pytorch_ops(shape: tuple[int, ...], fmt: torch.
         torch.randint(-4608, 4609, shape, generator=gen).float().contiguous(memory_format=CL)
     )  # as the int8 conv
     gamma = torch.rand(c, h, w, generator=gen) + 0.5
-    out, y16 = native.gamma_forward(y, gamma, fmt)
+    y_in = y.clone()
+    out, y16 = native.gamma_forward(y_in, gamma, fmt)
+    assert (out.data_ptr() == y_in.data_ptr()) == (fmt == CL)  # channels-last: in place, no new buffer
     want = y.contiguous(memory_format=fmt)
     assert same_bits(y16, want.to(torch.int16))
     assert same_bits(out, want * gamma)
@@ -95,8 +97,19 @@ def test_gamma_kernels_equal_the_pytorch_ops(shape: tuple[int, ...], fmt: torch.
 @pytest.mark.parametrize("shape", [*SHAPES, (2, 24, 4, 8)], ids=str)
 def test_sign_code_u8_equals_the_eager_kernel_with_a_channels_last_operand(shape: tuple[int, ...]) -> None:
     x = torch.randn(shape, generator=torch.Generator().manual_seed(4)) * 1.5
-    special = torch.tensor([-1.0, 1.0, 0.0, -0.0, -1.0000001, 1.0000001, 0.9999999, -0.9999999])
-    x.view(-1)[: min(x.numel(), 8)] = special[: x.numel()]
+    special = [
+        -1.0,
+        1.0,
+        0.0,
+        -0.0,
+        -1.0000001,
+        1.0000001,
+        0.9999999,
+        -0.9999999,
+        float("nan"),
+        -float("inf"),
+    ]
+    x.view(-1)[: min(x.numel(), len(special))] = torch.tensor(special)[: x.numel()]
     u, code = native.sign_code_u8(x)
     want_u, want_code = kernels._sign_code_u8(x)  # the eager definition
     assert u.is_contiguous(memory_format=CL) and code.is_contiguous()
@@ -135,7 +148,7 @@ def test_compiled_mode_runs_the_epilogues_in_c_with_identical_results(
     )  # as the int8 conv returns it
     gamma = torch.rand(6, 5, 7) + 0.5
     code, grad = codes((4, 6, 5, 7)), grads((4, 6, 5, 7), seed=3)
-    x = grads((4, 6, 5, 7), seed=4).nan_to_num_(0.0) * 1.5  # (NaN's sign is undefined in the eager kernel)
+    x = grads((4, 6, 5, 7), seed=4) * 1.5  # NaN, infinities and zeros planted
     results = []
     for mode in ("compiled", "eager"):
         kernels.set_kernels(mode)
@@ -217,3 +230,24 @@ def test_an_unwritable_cache_is_named_in_the_error(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(native, "_reason", None)
     assert not native.available()
     assert str(cache) in (native.unavailable_reason() or "")
+
+
+def test_views_and_shapes_the_c_kernels_do_not_take_fall_back_to_identical_results(
+    compiled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lazily negated view (its memory holds -x), a 4-d Gamma, an empty batch: PyTorch's ops, same results."""
+    x = grads((2, 8, 4, 4), seed=5) * 1.5
+    neg = torch._neg_view(x)
+    assert neg.is_neg() and neg.is_contiguous()
+    u, code = kernels.sign_code_u8(neg)
+    want_u, want_code = kernels._sign_code_u8(-x)
+    assert torch.equal(u, want_u) and torch.equal(code, want_code)
+    grad, y16 = grads((2, 8, 4, 4), seed=6), torch.randint(-50, 51, (2, 8, 4, 4), dtype=torch.int16)
+    gamma4 = torch.rand(1, 8, 1, 1) + 0.5  # as a (1, C, 1, 1) scale would give it
+    dgamma, scaled = kernels.gamma_backward(grad, y16, gamma4, True)
+    assert same_bits(scaled, grad * gamma4)
+    assert same_bits(dgamma, (y16.float() * grad).sum_to_size(gamma4.shape))
+    empty = torch.zeros(0, 8, 4, 4)
+    dgamma, scaled = kernels.gamma_backward(empty, empty.to(torch.int16), torch.ones(8, 4, 4), True)
+    assert scaled.shape == empty.shape and torch.equal(dgamma, torch.zeros(8, 4, 4))
+    assert kernels.code_sign(torch.zeros(0, 3, dtype=torch.int8), torch.float32).shape == (0, 3)

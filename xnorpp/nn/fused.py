@@ -43,6 +43,7 @@ from .kernels import (
     code_sign,
     gamma_backward,
     gamma_forward,
+    gamma_forward_in_c,
     layout_like,
     masked_grad,
     memory_format_of,
@@ -85,6 +86,13 @@ class _ConvLike(Protocol):
     scale_factor: ScaleFactor
 
     def scaled_weight_source(self) -> Tensor: ...
+
+
+def _conv_output_format(x: Tensor, weight: Tensor) -> torch.memory_format:
+    """The layout PyTorch's CPU conv gives its output: channels-last if the input or the weight is."""
+    if torch.channels_last in (memory_format_of(x), memory_format_of(weight)):
+        return torch.channels_last
+    return torch.contiguous_format
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -133,6 +141,7 @@ class BinaryInputConv2dFn(torch.autograd.Function):
             w, saved_w = sign_code(centre_weight(weight) if centre else weight, torch.int8)
             y = binary_conv2d_int8(xu, w, stride, padding, dilation, groups, None)  # channels-last
             del xu, w
+            fmt = _conv_output_format(x, weight)
         else:
             xb, code = sign_code(x, dtype)
             if binarize_weight:
@@ -141,19 +150,16 @@ class BinaryInputConv2dFn(torch.autograd.Function):
                 w, saved_w = weight.to(dtype), weight
             y = F.conv2d(xb, w, None if bias is None else bias.to(dtype), stride, padding, dilation, groups)
             del xb, w
+            fmt = memory_format_of(y)
         saved_y = None
-        fmt = memory_format_of(x)
-        if (
-            gamma is not None
-            and gamma.requires_grad
-            and binarize_weight
-            and math.prod(weight.shape[1:]) <= _INT16_SAFE
-        ):
-            out, saved_y = gamma_forward(
-                y, gamma.to(y.dtype), fmt
-            )  # y is an exact integer sum: kept as int16
+        exact = binarize_weight and math.prod(weight.shape[1:]) <= _INT16_SAFE
+        if gamma is not None and gamma.requires_grad and exact:  # y is an exact integer sum: kept as int16
+            g = gamma.to(y.dtype)
+            if not gamma_forward_in_c(y, g):
+                y = y.contiguous(memory_format=fmt)  # here, so that the channels-last y is freed
+            out, saved_y = gamma_forward(y, g, fmt)
         else:
-            out = y = y.contiguous(memory_format=fmt)  # the int8 conv's result is channels-last
+            out = y = y.contiguous(memory_format=fmt)
             if gamma is not None:
                 g = layout_like(gamma.to(y.dtype), y)
                 out, saved_y = (y * g, y) if gamma.requires_grad else (y.mul_(g), None)

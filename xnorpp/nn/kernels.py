@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from . import native
 from .sign import binary_sign
@@ -33,6 +33,7 @@ __all__ = [
     "code_sign",
     "gamma_backward",
     "gamma_forward",
+    "gamma_forward_in_c",
     "get_kernels",
     "layout_like",
     "masked_grad",
@@ -135,8 +136,13 @@ def _native(*tensors: Tensor) -> bool:
     """Whether to run a job on :mod:`~xnorpp.nn.native`'s C loops: ``"compiled"`` mode, CPU tensors,
     outside ``torch.compile`` tracing, the library built (else a warning, once, and the eager ops)."""
     global _native_warned
-    if _mode != "compiled" or torch.compiler.is_compiling() or any(t.device.type != "cpu" for t in tensors):
+    if _mode != "compiled" or torch.compiler.is_compiling():
         return False
+    for t in tensors:  # plain CPU tensors whose memory holds their values (not a lazily negated view)
+        if type(t) not in (Tensor, nn.Parameter) or t.device.type != "cpu" or t.numel() == 0:
+            return False
+        if t.is_neg() or t.is_conj():
+            return False
     if native.available():
         return True
     if not _native_warned:
@@ -188,9 +194,21 @@ def code_sign(code: Tensor, dtype: torch.dtype) -> Tensor:
 
 def masked_grad(grad: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
     """``grad`` in ``dtype`` where the code's STE window is 1 (``|code| = 2``), else 0; may reuse ``grad``."""
-    if grad.dtype == dtype == torch.float32 and _same_memory_order(grad, code) and _native(grad):
+    if grad.dtype == dtype == torch.float32 and _same_memory_order(grad, code) and _native(grad, code):
         return native.masked_grad_(grad, code)
     return grad.to(dtype).mul_(code.abs().bitwise_right_shift_(1))
+
+
+def gamma_forward_in_c(y: Tensor, gamma: Tensor) -> bool:
+    """Whether :func:`gamma_forward` runs the C kernel: ``"compiled"`` mode on CPU, fp32, a channels-last ``y``
+    (the ``int8`` conv's result) and ``gamma`` of at most 3 dims."""
+    return (
+        y.dim() == 4
+        and y.dtype == gamma.dtype == torch.float32
+        and y.is_contiguous(memory_format=torch.channels_last)
+        and gamma.dim() <= 3
+        and _native(y, gamma)
+    )
 
 
 def gamma_forward(
@@ -199,16 +217,11 @@ def gamma_forward(
     """``(y * gamma, y as int16)`` in ``memory_format``, for ``y`` holding exact integer sums and ``gamma``
     broadcastable to ``y``'s (C, H, W). The product may be written into ``y``.
 
-    A channels-last fp32 ``y`` (the ``int8`` conv's result) is laid out in ``memory_format`` on the way,
-    in one pass by the C kernel in ``"compiled"`` mode.
+    Where :func:`gamma_forward_in_c`, a channels-last ``y`` is laid out in ``memory_format`` on the way, in
+    one pass; else lay ``y`` out first (``y.contiguous(memory_format=...)``), so that a copy made here does
+    not keep the original alive in the caller.
     """
-    if (
-        y.dim() == 4
-        and y.dtype == gamma.dtype == torch.float32
-        and y.is_contiguous(memory_format=torch.channels_last)
-        and gamma.dim() <= 3
-        and _native(y, gamma)
-    ):
+    if gamma_forward_in_c(y, gamma):
         return native.gamma_forward(y, gamma.expand(y.shape[1:]), memory_format)
     y = y.contiguous(memory_format=memory_format)
     saved = y.to(torch.int16)
@@ -229,8 +242,9 @@ def gamma_backward(
     if (
         grad.dim() == 4
         and grad.dtype == torch.float32
+        and gamma.dim() <= 3
         and _same_memory_order(grad, saved_y)
-        and _native(grad)
+        and _native(grad, saved_y)
     ):
         row = layout_like(g.expand(grad.shape[1:]).contiguous(), grad)
         prod, scaled = native.gamma_backward(grad, saved_y, row[0] if row.dim() == 4 else row)
@@ -255,6 +269,6 @@ def batch_sum(t: Tensor, shape: torch.Size) -> Tensor:
     (In channels-last such a column sum is 30x faster than ``sum_to_size``, but adds in another order
     than autograd's ``sum_to_size`` does: the last bit of ``dGamma`` would differ from the unfused path.)
     """
-    if t.dim() == 4 and tuple(shape) == tuple(t.shape[1:]) and t.is_contiguous():
+    if t.dim() == 4 and tuple(shape) == tuple(t.shape[1:]) and t.is_contiguous() and t.numel() > 0:
         return t.view(t.shape[0], -1).sum(0).view(shape)
     return t.sum_to_size(shape)

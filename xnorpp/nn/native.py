@@ -15,9 +15,11 @@ to four such passes over an activation. ``torch.compile``'s C++ code for ``int8`
 - :func:`gamma_forward`: the ``int8`` conv's channels-last result times ``Gamma`` and as ``int16``,
   written in the layout the network runs in.
 
-The library is built once per source, compiler flags and CPU (``-O3 -march=native -fopenmp``, ~1 s)
-into ``$XNORPP_CACHE_DIR`` (default ``~/.cache/xnorpp``) and loaded with ``ctypes``; OpenMP is the
-runtime PyTorch loaded (``libgomp``). :func:`available` says whether it works, :func:`unavailable_reason`
+The library is built once per source, compiler, flags, CPU and C library (``-O3 -march=native -fopenmp``,
+~1 s) into ``$XNORPP_CACHE_DIR`` (default ``~/.cache/xnorpp``; written under a temporary name and renamed,
+so processes building at once, e.g. torchrun's ranks, never load a partial file) and loaded with
+``ctypes``. Its OpenMP runtime is the one PyTorch has loaded where both are GNU ``libgomp.so.1`` (PyTorch's
+Linux wheels); with another runtime in PyTorch both thread pools would coexist (correct, maybe slower). :func:`available` says whether it works, :func:`unavailable_reason`
 why not (no compiler, a failed build): callers then use the PyTorch ops.
 """
 
@@ -74,7 +76,12 @@ def cache_dir() -> Path:
     """Where built libraries go: ``$XNORPP_CACHE_DIR``, else ``$XDG_CACHE_HOME/xnorpp`` or ``~/.cache/xnorpp``."""
     if os.environ.get("XNORPP_CACHE_DIR"):
         return Path(os.environ["XNORPP_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "xnorpp"
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]) / "xnorpp"
+    home = os.path.expanduser("~")
+    if home == "~":  # no home directory (no HOME, no passwd entry)
+        return Path(tempfile.gettempdir()) / f"xnorpp-{os.getuid()}"
+    return Path(home) / ".cache" / "xnorpp"
 
 
 def _compiler() -> str | None:
@@ -92,11 +99,20 @@ def _cpu_flags() -> str:
     return platform.processor()
 
 
+def _compiler_version(compiler: str) -> str:
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return (out.strip().splitlines() or [""])[0]
+
+
 def library_path(compiler: str) -> Path:
-    """The cached library for this source, compiler, flags and CPU."""
+    """The cached library for this source, compiler (path and version), flags, CPU and C library."""
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), compiler.encode(), " ".join(_FLAGS).encode(), _cpu_flags().encode()):
-        key.update(part)
+    parts = (SOURCE.read_bytes(), compiler, _compiler_version(compiler), " ".join(_FLAGS), _cpu_flags())
+    for part in (*parts, " ".join(platform.libc_ver())):
+        key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / f"binary_kernels-{key.hexdigest()[:16]}.so"
 
 
@@ -112,6 +128,7 @@ def _build(compiler: str, target: Path) -> None:
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["no output"])[0]
             raise RuntimeError(f"{compiler} failed ({first})")
+        os.chmod(tmp, 0o755)  # mkstemp made it private: a shared cache serves every user
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -127,7 +144,11 @@ def _load() -> ctypes.CDLL:
     path = library_path(compiler)
     if not path.exists():
         _build(compiler, path)
-    lib = ctypes.CDLL(str(path))
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # a damaged cached file: build it again, once
+        _build(compiler, path)
+        lib = ctypes.CDLL(str(path))
     for name, argtypes in _SIGNATURES.items():
         fn = getattr(lib, name)
         fn.argtypes, fn.restype = argtypes, None
@@ -236,7 +257,7 @@ def gamma_backward(grad: Tensor, y: Tensor, gamma: Tensor) -> tuple[Tensor, Tens
 
 def gamma_forward(y: Tensor, gamma: Tensor, memory_format: torch.memory_format) -> tuple[Tensor, Tensor]:
     """``(y * gamma, y as int16)`` in ``memory_format`` for a channels-last fp32 ``y`` (N, C, H, W) holding
-    integers and ``gamma`` (C, H, W) (contiguous for NCHW results, ``(H, W, C)`` order for channels-last)."""
+    integers and ``gamma`` (C, H, W); for a channels-last result the product is written into ``y``."""
     _check(y, torch.float32, "y")
     _check(gamma, torch.float32, "gamma")
     if y.dim() != 4 or not _dense(y, torch.channels_last):
@@ -244,19 +265,19 @@ def gamma_forward(y: Tensor, gamma: Tensor, memory_format: torch.memory_format) 
     n, c, h, w = y.shape
     if tuple(gamma.shape) != (c, h, w):
         raise ValueError(f"gamma must have shape {(c, h, w)}, got {tuple(gamma.shape)}")
-    out = torch.empty_like(y, memory_format=memory_format)
     y16 = torch.empty_like(y, dtype=torch.int16, memory_format=memory_format)
     lib, nt = _lib_or_raise(), torch.get_num_threads()
-    if memory_format == torch.channels_last:
+    if memory_format == torch.channels_last:  # no layout change: the product is written into y
         g = gamma.permute(1, 2, 0).contiguous()
         lib.xnorpp_gamma_forward_f32(
-            y.data_ptr(), g.data_ptr(), out.data_ptr(), y16.data_ptr(), n, c * h * w, nt
+            y.data_ptr(), g.data_ptr(), y.data_ptr(), y16.data_ptr(), n, c * h * w, nt
         )
-    else:
-        g = gamma.contiguous()
-        lib.xnorpp_gamma_forward_nhwc_to_nchw_f32(
-            y.data_ptr(), g.data_ptr(), out.data_ptr(), y16.data_ptr(), n, c, h * w, nt
-        )
+        return y, y16
+    out = torch.empty_like(y, memory_format=torch.contiguous_format)
+    g = gamma.contiguous()
+    lib.xnorpp_gamma_forward_nhwc_to_nchw_f32(
+        y.data_ptr(), g.data_ptr(), out.data_ptr(), y16.data_ptr(), n, c, h * w, nt
+    )
     return out, y16
 
 

@@ -132,10 +132,10 @@ void xnorpp_gamma_forward_nhwc_to_nchw_f32(const float *restrict y, const float 
     }
 }
 
-/* The same without a layout change (y, out, y16 and g all in one memory order, g one sample). */
-void xnorpp_gamma_forward_f32(const float *restrict y, const float *restrict g,
-                              float *restrict out, int16_t *restrict y16, int64_t rows, int64_t m,
-                              int nt) {
+/* The same without a layout change (y, out, y16 and g all in one memory order, g one sample); out
+ * may be y (each element is read, then written). */
+void xnorpp_gamma_forward_f32(const float *y, const float *restrict g, float *out,
+                              int16_t *restrict y16, int64_t rows, int64_t m, int nt) {
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t r = 0; r < rows; r++) {
 #pragma omp simd
@@ -149,9 +149,10 @@ void xnorpp_gamma_forward_f32(const float *restrict y, const float *restrict g,
 
 /* The int8 conv's operands from an NCHW fp32 input x (n, c, hw): u = sign(x) + 1 (0 or 2, uint8) in
  * channels-last order (n, hw, c), as oneDNN reads it, and the int8 code sign * (1 + [|x| <= 1]) in
- * x's order; sign(x) = +1 where x >= 0 (-0.0 too), else -1 (NaN: -1, window 0). */
+ * x's order; sign(x) = +1 where x >= 0 (-0.0 too) or x is NaN (as binary_sign on CPU, where
+ * torch.sign(NaN) = 0), else -1; the window is 0 for NaN. */
 static inline int8_t code_of(float v, uint8_t *u) {
-    const int pos = v >= 0.0f, win = fabsf(v) <= 1.0f;
+    const int pos = !(v < 0.0f), win = fabsf(v) <= 1.0f;
     *u = pos ? 2 : 0;
     return (int8_t)((pos ? 1 : -1) * (1 + win));
 }
@@ -180,7 +181,7 @@ void xnorpp_sign_code_u8_nchw_to_nhwc(const float *restrict x, uint8_t *restrict
                     for (int j = 0; j < 8; j++) {
                         const int64_t o = (k0 + j) * hw + pb;
                         const __m256 v = _mm256_loadu_ps(xs + o);
-                        const __m256 pos = _mm256_cmp_ps(v, zero, _CMP_GE_OQ);
+                        const __m256 pos = _mm256_cmp_ps(v, zero, _CMP_NLT_UQ);  // NaN: +1
                         const __m256 win = _mm256_cmp_ps(_mm256_and_ps(v, abs_mask), one, _CMP_LE_OQ);
                         const __m256 mag = _mm256_add_ps(one, _mm256_and_ps(win, one));
                         store_int8x8(cs + o, _mm256_blendv_ps(_mm256_sub_ps(zero, mag), mag, pos));
