@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,11 +19,9 @@ SHAPES = [(3, 5, 7, 9), (2, 64, 56, 56), (4, 17, 3, 33), (1, 1, 1, 1), (5, 19, 1
 
 
 @pytest.fixture
-def compiled() -> Iterator[None]:
-    old = kernels.get_kernels()
-    kernels.set_kernels("compiled")
-    yield
-    kernels.set_kernels(old)
+def compiled(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Compiled kernels for one test, then the mode before it (whatever a test switches to)."""
+    monkeypatch.setattr(kernels, "_mode", "compiled")
 
 
 def codes(shape: tuple[int, ...], seed: int = 0) -> Tensor:
