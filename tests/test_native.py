@@ -248,3 +248,29 @@ def test_views_and_shapes_the_c_kernels_do_not_take_fall_back_to_identical_resul
     dgamma, scaled = kernels.gamma_backward(empty, empty.to(torch.int16), torch.ones(8, 4, 4), True)
     assert scaled.shape == empty.shape and torch.equal(dgamma, torch.zeros(8, 4, 4))
     assert kernels.code_sign(torch.zeros(0, 3, dtype=torch.int8), torch.float32).shape == (0, 3)
+
+
+def test_the_portable_loops_equal_the_avx2_ones(tmp_path: Path) -> None:
+    """Built with ``-mno-avx2`` (``XNORPP_CFLAGS``), every kernel takes its plain C loops: same results."""
+    script = """
+import torch
+from xnorpp.nn import kernels, native
+assert native.available(), native.unavailable_reason()
+gen = torch.Generator().manual_seed(0)
+for shape in [(2, 64, 8, 8), (3, 24, 5, 7), (2, 17, 4, 4)]:
+    x = torch.randn(shape, generator=gen) * 1.5
+    x.view(-1)[:4] = torch.tensor([float("nan"), -0.0, 1.0, -1.0])
+    u, code = native.sign_code_u8(x)
+    want_u, want_code = kernels._sign_code_u8(x)
+    assert torch.equal(u, want_u) and torch.equal(code, want_code), shape
+    y = torch.randint(-300, 301, shape, generator=gen).float().contiguous(memory_format=torch.channels_last)
+    gamma = torch.rand(shape[1:], generator=gen)
+    out, y16 = native.gamma_forward(y.clone(), gamma, torch.contiguous_format)
+    assert torch.equal(out, y.contiguous() * gamma) and torch.equal(y16, y.contiguous().to(torch.int16)), shape
+print(native.library_path(native._compiler()))
+"""
+    env = {**os.environ, "XNORPP_CACHE_DIR": str(tmp_path), "XNORPP_CFLAGS": "-mno-avx2"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    portable = Path(out.stdout.strip())
+    assert portable.exists() and portable.name != native.library_path(native._compiler()).name  # own key

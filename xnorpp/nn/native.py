@@ -29,6 +29,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
@@ -44,6 +45,7 @@ __all__ = [
     "cache_dir",
     "calls",
     "code_sign",
+    "compiler_flags",
     "gamma_backward",
     "gamma_forward",
     "library_path",
@@ -55,6 +57,14 @@ __all__ = [
 
 SOURCE = Path(__file__).with_name("csrc") / "binary_kernels.c"
 _FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-fPIC", "-shared")
+
+
+def compiler_flags() -> list[str]:
+    """The build's flags: ours, then ``$XNORPP_CFLAGS`` (e.g. ``-march=x86-64-v2`` for a library that runs on
+    every node of a cluster sharing one cache, or ``-mno-avx2`` to get the portable loops)."""
+    return [*_FLAGS, *shlex.split(os.environ.get("XNORPP_CFLAGS", ""))]
+
+
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
 _SIGNATURES: dict[str, list[type]] = {
     "xnorpp_code_sign_f32": [_P, _P, _I64, _INT],
@@ -110,7 +120,13 @@ def _compiler_version(compiler: str) -> str:
 def library_path(compiler: str) -> Path:
     """The cached library for this source, compiler (path and version), flags, CPU and C library."""
     key = hashlib.sha256()
-    parts = (SOURCE.read_bytes(), compiler, _compiler_version(compiler), " ".join(_FLAGS), _cpu_flags())
+    parts = (
+        SOURCE.read_bytes(),
+        compiler,
+        _compiler_version(compiler),
+        " ".join(compiler_flags()),
+        _cpu_flags(),
+    )
     for part in (*parts, " ".join(platform.libc_ver())):
         key.update(part if isinstance(part, bytes) else part.encode())
     return cache_dir() / f"binary_kernels-{key.hexdigest()[:16]}.so"
@@ -123,7 +139,7 @@ def _build(compiler: str, target: Path) -> None:
     os.close(fd)
     try:
         proc = subprocess.run(
-            [compiler, *_FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
+            [compiler, *compiler_flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
         )
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["no output"])[0]

@@ -8,6 +8,17 @@
 #include <math.h>
 #include <stdint.h>
 
+/* The layout-changing kernels work on tiles of TILE positions of one sample (all channels). */
+#define TILE 16
+
+/* Tile t of n samples x ptiles tiles of hw positions: sample *s, positions [*p0, *p1). */
+static inline void tile_bounds(int64_t t, int64_t ptiles, int64_t hw, int64_t *s, int64_t *p0,
+                               int64_t *p1) {
+    *s = t / ptiles;
+    *p0 = (t % ptiles) * TILE;
+    *p1 = *p0 + TILE < hw ? *p0 + TILE : hw;
+}
+
 /* out = clamp(float(code), -1, 1): the +-1 value an int8 code (-2, -1, +1, +2) holds. */
 void xnorpp_code_sign_f32(const int8_t *restrict code, float *restrict out, int64_t n, int nt) {
 #pragma omp parallel for simd num_threads(nt) schedule(static)
@@ -93,18 +104,17 @@ static inline void store_int16x8(int16_t *dst, __m256 v) {
 void xnorpp_gamma_forward_nhwc_to_nchw_f32(const float *restrict y, const float *restrict g,
                                            float *restrict out, int16_t *restrict y16, int64_t n,
                                            int64_t c, int64_t hw, int nt) {
-    const int64_t tile = 16;
-    const int64_t ptiles = (hw + tile - 1) / tile;
+    const int64_t ptiles = (hw + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < n * ptiles; t++) {
-        const int64_t s = t / ptiles, p0 = (t % ptiles) * tile;
-        const int64_t p1 = p0 + tile < hw ? p0 + tile : hw;
+        int64_t s, p0, p1;
+        tile_bounds(t, ptiles, hw, &s, &p0, &p1);
         const float *ys = y + s * hw * c;
         float *os = out + s * c * hw;
         int16_t *qs = y16 + s * c * hw;
         int64_t k0 = 0;
 #if defined(__AVX2__)
-        if (p1 - p0 == tile) {
+        if (p1 - p0 == TILE) {
             for (; k0 + 8 <= c; k0 += 8) {
                 for (int64_t pb = p0; pb < p1; pb += 8) {
                     __m256 r[8];
@@ -119,8 +129,8 @@ void xnorpp_gamma_forward_nhwc_to_nchw_f32(const float *restrict y, const float 
             }
         }
 #endif
-        for (int64_t c0 = k0; c0 < c; c0 += tile) {
-            const int64_t c1 = c0 + tile < c ? c0 + tile : c;
+        for (int64_t c0 = k0; c0 < c; c0 += TILE) {
+            const int64_t c1 = c0 + TILE < c ? c0 + TILE : c;
             for (int64_t k = c0; k < c1; k++) {
                 for (int64_t p = p0; p < p1; p++) {
                     const float v = ys[p * c + k];
@@ -160,18 +170,17 @@ static inline int8_t code_of(float v, uint8_t *u) {
 void xnorpp_sign_code_u8_nchw_to_nhwc(const float *restrict x, uint8_t *restrict u,
                                       int8_t *restrict code, int64_t n, int64_t c, int64_t hw,
                                       int nt) {
-    const int64_t tile = 16;
-    const int64_t ptiles = (hw + tile - 1) / tile;
+    const int64_t ptiles = (hw + TILE - 1) / TILE;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < n * ptiles; t++) {
-        const int64_t s = t / ptiles, p0 = (t % ptiles) * tile;
-        const int64_t p1 = p0 + tile < hw ? p0 + tile : hw;
+        int64_t s, p0, p1;
+        tile_bounds(t, ptiles, hw, &s, &p0, &p1);
         const float *xs = x + s * c * hw;
         int8_t *cs = code + s * c * hw;
         uint8_t *us = u + s * hw * c;
         int64_t k0 = 0;
 #if defined(__AVX2__)
-        if (p1 - p0 == tile) {
+        if (p1 - p0 == TILE) {
             const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
             const __m256 two = _mm256_set1_ps(2.0f);
             const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
