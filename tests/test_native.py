@@ -1,4 +1,4 @@
-"""The C kernels of the fused binary conv: bit-identical to PyTorch's ops, used in compiled mode, loud fallback."""
+"""The fused binary conv's C kernels: bit-identical to PyTorch's ops, used when compiled, loud fallback."""
 
 from __future__ import annotations
 
@@ -232,7 +232,7 @@ def test_an_unwritable_cache_is_named_in_the_error(tmp_path: Path, monkeypatch: 
 def test_views_and_shapes_the_c_kernels_do_not_take_fall_back_to_identical_results(
     compiled: None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A lazily negated view (its memory holds -x), a 4-d Gamma, an empty batch: PyTorch's ops, same results."""
+    """A lazily negated view (its memory holds -x), a 4-d Gamma, an empty batch: PyTorch's ops, same bits."""
     x = grads((2, 8, 4, 4), seed=5) * 1.5
     neg = torch._neg_view(x)
     assert neg.is_neg() and neg.is_contiguous()
@@ -266,7 +266,8 @@ for shape in [(2, 64, 8, 8), (3, 24, 5, 7), (2, 17, 4, 4)]:
     y = torch.randint(-300, 301, shape, generator=gen).float().contiguous(memory_format=torch.channels_last)
     gamma = torch.rand(shape[1:], generator=gen)
     out, y16 = native.gamma_forward(y.clone(), gamma, torch.contiguous_format)
-    assert torch.equal(out, y.contiguous() * gamma) and torch.equal(y16, y.contiguous().to(torch.int16)), shape
+    want = y.contiguous()
+    assert torch.equal(out, want * gamma) and torch.equal(y16, want.to(torch.int16)), shape
 print(native.library_path(native._compiler()))
 """
     env = {**os.environ, "XNORPP_CACHE_DIR": str(tmp_path), "XNORPP_CFLAGS": "-mno-avx2"}

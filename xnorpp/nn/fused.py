@@ -282,12 +282,13 @@ def warm_up_fused(device: torch.device | str = "cpu", autocast_dtype: torch.dtyp
     """One tiny forward and backward of the fused node on ``device`` (under autocast to
     ``autocast_dtype`` if given), before training.
 
-    It compiles the sign kernels the binary layers will use (``trainer.kernels=compiled``; on CPU also
-    builds or loads the C kernels of :mod:`xnorpp.nn.native`) and probes the ``int8`` conv, so the first training step takes no compile time, and so the compiler's own
-    host memory (~80 MB, plus its modules) is allocated before the activations instead of between
-    them in the CPU heap. The trainer and the benchmark call it for CPU runs only: on CUDA the
-    activations are not in that heap, and compiling on the first real activation measured ~3% faster
-    steps (H200, fp32) than after this warm-up. Fixed values: the random number streams are untouched.
+    It compiles the sign kernels the binary layers will use (``trainer.kernels=compiled``; on CPU it also
+    builds or loads the C kernels of :mod:`xnorpp.nn.native`) and probes the ``int8`` conv, so the first
+    training step takes no compile time, and so the compiler's own host memory (~80 MB, plus its
+    modules) is allocated before the activations instead of between them in the CPU heap. The trainer
+    and the benchmark call it for CPU runs only: on CUDA the activations are not in that heap, and
+    compiling on the first real activation measured ~3% faster steps (H200, fp32) than after this
+    warm-up. Fixed values: the random number streams are untouched.
     """
     dev = torch.device(device)
     # activation-sized: the compiler tunes its kernels for the sizes it first sees

@@ -200,8 +200,8 @@ def masked_grad(grad: Tensor, code: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def gamma_forward_in_c(y: Tensor, gamma: Tensor) -> bool:
-    """Whether :func:`gamma_forward` runs the C kernel: ``"compiled"`` mode on CPU, fp32, a channels-last ``y``
-    (the ``int8`` conv's result) and ``gamma`` of at most 3 dims."""
+    """Whether :func:`gamma_forward` runs the C kernel: ``"compiled"`` mode on CPU, fp32, a channels-last
+    ``y`` (the ``int8`` conv's result) and ``gamma`` of at most 3 dims."""
     return (
         y.dim() == 4
         and y.dtype == gamma.dtype == torch.float32

@@ -19,8 +19,9 @@ The library is built once per source, compiler, flags, CPU and C library (``-O3 
 ~1 s) into ``$XNORPP_CACHE_DIR`` (default ``~/.cache/xnorpp``; written under a temporary name and renamed,
 so processes building at once, e.g. torchrun's ranks, never load a partial file) and loaded with
 ``ctypes``. Its OpenMP runtime is the one PyTorch has loaded where both are GNU ``libgomp.so.1`` (PyTorch's
-Linux wheels); with another runtime in PyTorch both thread pools would coexist (correct, maybe slower). :func:`available` says whether it works, :func:`unavailable_reason`
-why not (no compiler, a failed build): callers then use the PyTorch ops.
+Linux wheels); with another runtime in PyTorch both thread pools would coexist (correct, maybe
+slower). :func:`available` says whether it works, :func:`unavailable_reason` why not (no compiler, a
+failed build): callers then use the PyTorch ops.
 """
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ _calls = 0  # kernel calls in this process
 
 
 def cache_dir() -> Path:
-    """Where built libraries go: ``$XNORPP_CACHE_DIR``, else ``$XDG_CACHE_HOME/xnorpp`` or ``~/.cache/xnorpp``."""
+    """Where libraries are built: ``$XNORPP_CACHE_DIR``, else ``$XDG_CACHE_HOME/xnorpp`` or
+    ``~/.cache/xnorpp``."""
     if os.environ.get("XNORPP_CACHE_DIR"):
         return Path(os.environ["XNORPP_CACHE_DIR"])
     if os.environ.get("XDG_CACHE_HOME"):
