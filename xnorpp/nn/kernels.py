@@ -158,12 +158,8 @@ def _native(*tensors: Tensor) -> bool:
     return False
 
 
-def _dense(t: Tensor) -> bool:
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
-
-
 def _same_memory_order(a: Tensor, b: Tensor) -> bool:
-    return native.same_memory_order(a, b) and _dense(a) and _dense(b)
+    return native.same_memory_order(a, b) and native.dense(a) and native.dense(b)
 
 
 def sign_code(x: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -47,6 +47,7 @@ __all__ = [
     "calls",
     "code_sign",
     "compiler_flags",
+    "dense",
     "gamma_backward",
     "gamma_forward",
     "library_path",
@@ -216,7 +217,7 @@ def _check(t: Tensor, dtype: torch.dtype, name: str) -> None:
         raise ValueError(f"{name} must be a CPU {dtype} tensor, got {t.dtype} on {t.device}")
 
 
-def _dense(t: Tensor, memory_format: torch.memory_format | None = None) -> bool:
+def dense(t: Tensor, memory_format: torch.memory_format | None = None) -> bool:
     """Dense in ``memory_format``, or (``None``) contiguous or channels-last."""
     if memory_format is not None:
         return t.is_contiguous(memory_format=memory_format)
@@ -233,7 +234,7 @@ def same_memory_order(a: Tensor, b: Tensor) -> bool:
 def code_sign(code: Tensor, memory_format: torch.memory_format = torch.contiguous_format) -> Tensor:
     """``clamp(code.float(), -1, 1)`` in fp32 for an ``int8`` code dense in ``memory_format``."""
     _check(code, torch.int8, "code")
-    if not _dense(code, memory_format):
+    if not dense(code, memory_format):
         raise ValueError("code must be dense in the given memory format")
     out = torch.empty_like(code, dtype=torch.float32, memory_format=memory_format)
     _lib_or_raise().xnorpp_code_sign_f32(
@@ -246,7 +247,7 @@ def masked_grad_(grad: Tensor, code: Tensor) -> Tensor:
     """``grad *= (|code| >> 1)`` in place (fp32 ``grad``, ``int8`` code, one shape and memory order)."""
     _check(grad, torch.float32, "grad")
     _check(code, torch.int8, "code")
-    if not same_memory_order(grad, code) or not _dense(grad):
+    if not same_memory_order(grad, code) or not dense(grad):
         raise ValueError("grad and code must have one shape and one dense memory order")
     _lib_or_raise().xnorpp_masked_grad_f32(
         grad.data_ptr(), code.data_ptr(), grad.numel(), torch.get_num_threads()
@@ -260,7 +261,7 @@ def gamma_backward(grad: Tensor, y: Tensor, gamma: Tensor) -> tuple[Tensor, Tens
     _check(grad, torch.float32, "grad")
     _check(y, torch.int16, "y")
     _check(gamma, torch.float32, "gamma")
-    if not same_memory_order(grad, y) or not _dense(grad):
+    if not same_memory_order(grad, y) or not dense(grad):
         raise ValueError("grad and y must have one shape and one dense memory order")
     if grad.dim() < 1 or not same_memory_order(gamma, grad[0]):
         raise ValueError("gamma must be laid out as one sample of grad")
@@ -278,7 +279,7 @@ def gamma_forward(y: Tensor, gamma: Tensor, memory_format: torch.memory_format) 
     integers and ``gamma`` (C, H, W); for a channels-last result the product is written into ``y``."""
     _check(y, torch.float32, "y")
     _check(gamma, torch.float32, "gamma")
-    if y.dim() != 4 or not _dense(y, torch.channels_last):
+    if y.dim() != 4 or not dense(y, torch.channels_last):
         raise ValueError("y must be a 4-d channels-last tensor")
     n, c, h, w = y.shape
     if tuple(gamma.shape) != (c, h, w):
