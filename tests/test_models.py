@@ -249,3 +249,18 @@ def test_channel_scale_accepts_any_input_size() -> None:
 def test_pretrained_is_a_clear_error() -> None:
     with pytest.raises(ValueError, match="pretrained"):
         timm.create_model("resnet18_preact_bin", pretrained=True, num_classes=10, input_size=32)
+
+
+@pytest.mark.parametrize("variant", ["fp", "real_downsample"])
+def test_real_convs_start_as_the_original_kaiming_fan_in(variant: str) -> None:
+    """The original initialises real convs with ``kaiming_normal_`` defaults: fan_in, std sqrt(2 / fan_in)."""
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18_preact_bin", binarization=variant, num_classes=10, input_size=224)
+    assert float(model.conv1.weight.std()) == pytest.approx((2 / (3 * 49)) ** 0.5, rel=0.03)  # 0.1166
+    down = model.layer3[0].downsample[1]  # real 1x1 conv, 128 -> 256
+    assert float(down.weight.std()) == pytest.approx((2 / 128) ** 0.5, rel=0.03)
+    block = model.layer2[1].conv1
+    if variant == "fp":  # a real block conv, 128 x 3 x 3 inputs
+        assert float(block.weight.std()) == pytest.approx((2 / (128 * 9)) ** 0.5, rel=0.03)
+    else:  # binary latent weights: uniform [0, 1e-3)
+        assert float(block.weight.min()) >= 0 and float(block.weight.max()) < 1e-3

@@ -217,9 +217,13 @@ class PreActBinaryResNet(nn.Module):
         self._init_weights()
 
     def _init_weights(self) -> None:
+        """As the original project: real-valued convs (stem, real downsample 1x1, every conv of ``fp``)
+        Kaiming normal in PyTorch's default ``fan_in`` mode, ``std = sqrt(2 / (C_in k^2))`` (stem:
+        0.116 for 3 channels); binary latent weights keep ``BinaryConv2d``'s uniform [0, 1e-3);
+        BatchNorm weight 1, bias 0."""
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and not getattr(m, "binarize_weights", False):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
