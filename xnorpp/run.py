@@ -6,11 +6,9 @@ take plain values.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -32,11 +30,12 @@ from .engine.checkpoint import (
     rotate,
     save_checkpoint,
 )
-from .engine.distributed import DistInfo, barrier, init_distributed
+from .engine.distributed import DistInfo, barrier, init_distributed, peer_failed
 from .engine.health import BinarizationHealth
 from .engine.loaders import build_loaders
 from .engine.loop import PRECISIONS
 from .engine.memory import allocator, malloc_in_use, set_malloc_policy
+from .engine.preemption import REQUEUE_EXIT_CODE, Attempts, Preempted, Preemption
 from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
@@ -48,10 +47,10 @@ from .track import WandbTracker, write_results
 
 log = logging.getLogger("xnorpp")
 
-__all__ = ["MODEL_KEYS", "build_model", "model_args_from_cfg", "train"]
+__all__ = ["MODEL_KEYS", "REQUEUE_EXIT_CODE", "Preempted", "build_model", "model_args_from_cfg", "train"]
 
 MODEL_KEYS = ("name", "binarization", "scale", "num_classes", "in_chans", "input_size", "stem", "estimator")
-REQUEUE_EXIT_CODE = 124  # what the run exits with after a preemption checkpoint (see README "Preemption")
+_DEFAULT_THREADS = torch.get_num_threads()  # this process's own, for the jobs of a multirun that set none
 
 
 # --------------------------------------------------------------------------------------------------- model
@@ -88,10 +87,12 @@ def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
     return timm.create_model(name, num_classes=args["num_classes"], in_chans=args["in_chans"])
 
 
-def _apply_speed_settings(cfg: DictConfig, device: torch.device) -> None:
-    """``trainer.kernels``, ``trainer.int8_conv`` and, on CPU, ``trainer.malloc`` (before the big
-    allocations: the policy applies to memory mapped later); a wrong value names the key and the valid
-    choices."""
+def _apply_process_settings(cfg: DictConfig, device: torch.device, primary: bool) -> None:
+    """Set every process-wide switch from this job's config, so that a job of a multirun starts from its
+    own settings, not the last job's: ``trainer.kernels`` (a failed compile of an earlier job is tried
+    again), ``trainer.int8_conv``, torch threads, ``trainer.deterministic`` and, on CPU,
+    ``trainer.malloc`` (before the big allocations: the policy applies to memory mapped later). A wrong
+    value names the key and the valid choices."""
     int8 = cfg.trainer.int8_conv
     if not isinstance(int8, bool):
         raise ValueError(f"trainer.int8_conv must be true or false, got {int8!r}")
@@ -103,6 +104,14 @@ def _apply_speed_settings(cfg: DictConfig, device: torch.device) -> None:
             apply(str(cfg.trainer[key]))
         except ValueError as e:
             raise ValueError(f"trainer.{key}: {e}") from None
+    threads, source = _cpu_threads(cfg)
+    torch.set_num_threads(threads)
+    if primary:
+        log.info("torch threads: %d (%s)", threads, source)
+    deterministic = bool(cfg.trainer.deterministic)
+    torch.use_deterministic_algorithms(deterministic)
+    # fixed input shapes: let cuDNN pick the fastest algorithms once
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not deterministic
 
 
 def _check_scale_fits(model_args: dict[str, Any]) -> None:
@@ -141,6 +150,24 @@ def _hydra_choices() -> tuple[dict[str, str], list[str], str | None]:
         return {}, [], None
 
 
+def _cpu_threads(cfg: DictConfig) -> tuple[int, str]:
+    """Torch threads for this job and where the number comes from: ``trainer.threads``, the SLURM
+    allocation (``SLURM_CPUS_PER_TASK``, shared by torchrun's processes if it runs in one task), the joblib
+    launcher's share of the cores, else this process's default (``OMP_NUM_THREADS`` or the cores)."""
+    if cfg.trainer.threads:
+        return int(cfg.trainer.threads), "trainer.threads"
+    slurm = os.environ.get("SLURM_CPUS_PER_TASK", "")
+    if slurm.isdigit():
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # set by torchrun
+        return max(1, int(slurm) // local), f"SLURM_CPUS_PER_TASK={slurm}" + (
+            f" / {local} processes" if local > 1 else ""
+        )
+    share = _launcher_threads()
+    if share:
+        return share, "the joblib launcher's share of the cores"
+    return _DEFAULT_THREADS, "the process's default"
+
+
 def _launcher_threads() -> int | None:
     """Threads per job when Hydra's joblib launcher runs ``n_jobs`` jobs side by side on this machine."""
     try:
@@ -162,39 +189,6 @@ def _run_name(cfg: DictConfig) -> str:
     return f"{cfg.binarization.name}-{cfg.scale.name}-s{cfg.seed}"
 
 
-class _Preemption:
-    """SIGTERM/SIGUSR1/SIGUSR2 set a flag; the loop saves a checkpoint after the current step and exits
-    through the handler it replaced, if any (submitit's USR2 handler then requeues the job)."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def __enter__(self) -> _Preemption:
-        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
-            with contextlib.suppress(ValueError):  # not the main thread: no handlers
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.signal = signum
-        log.warning("received %s: checkpointing after the current step", signal.Signals(signum).name)
-
-    def hand_over(self) -> None:
-        """Run the Python handler ours replaced for the received signal (submitit's requeue), if any."""
-        old = self._old.get(self.signal) if self.signal is not None else None
-        if callable(old):
-            old(self.signal, None)
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
-
-
-class Preempted(SystemExit):
-    """Raised after a preemption checkpoint; exits with :data:`REQUEUE_EXIT_CODE`."""
-
-
 # --------------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, Any]:
     """Run one training (or evaluation, ``train=false``) job and return its results dict."""
@@ -202,14 +196,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     out_dir = Path(cfg.output_dir)
     dist_info, device = init_distributed(str(cfg.trainer.device))
     primary = dist_info.primary
-    _apply_speed_settings(cfg, device)
-    threads = cfg.trainer.threads or _launcher_threads()
-    if threads:
-        torch.set_num_threads(int(threads))
-    if cfg.trainer.deterministic:
-        torch.use_deterministic_algorithms(True)
-    elif device.type == "cuda":  # fixed input shapes: let cuDNN pick the fastest algorithms once
-        torch.backends.cudnn.benchmark = True
+    _apply_process_settings(cfg, device, primary)
     _seed_everything(int(cfg.seed))
 
     data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
@@ -267,6 +254,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     best: dict[str, float] = {"best/val/top1": -1.0, "best/val/top5": -1.0, "best/epoch": -1}
     history: list[dict[str, float]] = []
     wandb_id: str | None = None
+    attempts = Attempts(start=start_time)
     ckpt_dir = out_dir / "checkpoints"
     resume_from: tuple[Path, dict[str, Any]] | None = None
     if cfg.ckpt_path:
@@ -281,7 +269,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             optimizer.load_state_dict(ckpt["optimizer"])
             if scaler is not None and "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
-            state = StepState.from_dict(ckpt["state"])
+            state = StepState.from_dict(ckpt["state"], primary=primary)
+            attempts = Attempts.resumed(ckpt.get("attempts"), start_time)
             best = dict(ckpt.get("best", best))
             history = list(ckpt.get("history", []))
             wandb_id = ckpt.get("wandb_id")
@@ -329,7 +318,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tracker.log_table("model/summary", model_summary.rows())
         results = _fit_or_eval(
             cfg, run_model, model, train_loader, val_loader, sampler, optimizer, scheduler, scaler, state, best,
-            history, device, tracker, ckpt_dir, model_args, dist_info, epochs,
+            history, device, tracker, ckpt_dir, model_args, dist_info, epochs, attempts,
         )  # fmt: skip
         results.update(
             {
@@ -345,7 +334,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "run_dir": str(out_dir.resolve()),
                 "wandb_dir": tracker.run_dir,
                 "wandb_mode": tracker.status,
-                "wall_time_s": time.time() - start_time,
+                **attempts.to_dict(),  # wall_time_s over every attempt, attempts, requeues
                 "world_size": dist_info.world_size,
             }
         )
@@ -363,9 +352,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 )
         exit_code = 0
         return results
+    except RuntimeError as e:  # gloo reports a rank that has gone as a RuntimeError
+        if dist_info.enabled and (isinstance(e, torch.distributed.DistError) or "gloo" in str(e)):
+            raise peer_failed(dist_info.rank, e) from e
+        raise
     finally:
         tracker.finish(exit_code)
-        barrier()
+        if exit_code == 0:  # after an error another rank may never get here
+            barrier()
 
 
 def _check_compatible(ckpt: dict[str, Any], model_args: dict[str, Any], path: Path) -> None:
@@ -399,6 +393,7 @@ def _fit_or_eval(
     model_args: dict[str, Any],
     dist_info: DistInfo,
     epochs: int,
+    attempts: Attempts,
 ) -> dict[str, Any]:
     tcfg = cfg.trainer
     int8_calls, c_calls = int8_conv_calls(), native_calls()
@@ -412,16 +407,17 @@ def _fit_or_eval(
 
     limit = int(tcfg.limit_train_batches) if tcfg.limit_train_batches else None
     every = int(tcfg.checkpoint.every_steps) if tcfg.checkpoint.every_steps else None
-    save = bool(tcfg.checkpoint.save) and dist_info.primary
+    save = bool(tcfg.checkpoint.save)
     config_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     last_train: dict[str, float] = {}
 
-    def snapshot() -> dict[str, Any]:
+    def snapshot(totals: StepState, requeue: bool) -> dict[str, Any]:
         return {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
             **({"scaler": scaler.state_dict()} if scaler is not None else {}),
-            "state": state.to_dict(),
+            "state": totals.to_dict(),
+            "attempts": attempts.to_dict(requeue),
             "best": dict(best),
             "history": list(history),
             "rng": capture_rng(),
@@ -430,11 +426,15 @@ def _fit_or_eval(
             "wandb_id": tracker.run_id,
         }  # fmt: skip
 
-    def write(name: str) -> None:
+    def write(name: str, requeue: bool = False) -> None:
+        """Every rank calls it (the epoch's running sums are totalled over ranks); rank 0 writes."""
         if not save:
             return
+        totals = state.summed_over_ranks(device)
+        if not dist_info.primary:
+            return
         try:
-            save_checkpoint(snapshot(), ckpt_dir / name)
+            save_checkpoint(snapshot(totals, requeue), ckpt_dir / name)
             if name.startswith("step_"):
                 rotate(ckpt_dir, int(tcfg.checkpoint.keep_last))
         except CheckpointError as e:
@@ -444,12 +444,11 @@ def _fit_or_eval(
     health = BinarizationHealth(model, health_every) if health_every > 0 and tracker.enabled else None
     histograms = tracker.histogram if tracker.enabled else None
 
-    with _Preemption() as preempt:
+    with Preemption() as preempt:
 
-        def after_step(s: StepState) -> bool:
+        def after_step(s: StepState) -> None:
             if every and s.global_step % every == 0:
                 write(f"step_{s.global_step:09d}.pt")
-            return preempt.signal is not None
 
         while state.epoch < epochs:
             sampler.set_epoch(state.epoch, state.batch_in_epoch * int(train_loader.batch_size))
@@ -458,14 +457,16 @@ def _fit_or_eval(
                 run_model, train_loader, optimizer, scheduler, state, device=device, epochs=epochs,
                 precision=precision, scaler=scaler, channels_last=bool(tcfg.channels_last),
                 grad_clip=tcfg.grad_clip, on_nonfinite=str(tcfg.on_nonfinite), log_every=int(tcfg.log_every),
-                log_fn=tracker.log if tracker.enabled else None, after_step=after_step,
+                log_fn=tracker.log if tracker.enabled else None, after_step=after_step, preemption=preempt,
                 progress=dist_info.primary, max_steps=limit, health=health, histograms=histograms,
             )  # fmt: skip
-            if preempt.signal is not None:
-                write(f"step_{state.global_step:09d}.pt")
+            if preempt.agreed is not None:  # the same step on every rank
+                write(f"step_{state.global_step:09d}.pt", requeue=True)
                 tracker.log({"preempted": 1}, step=state.global_step)
-                preempt.hand_over()  # under submitit: requeue (exits); otherwise fall through
-                raise Preempted(REQUEUE_EXIT_CODE)
+                tracker.finish(REQUEUE_EXIT_CODE, preempted=True)  # before a requeue ends wandb's process
+                exit_ = preempt.hand_over()  # submitit: rank 0 requeues the job
+                barrier()  # no rank exits while rank 0 still writes or requeues
+                raise exit_
             done = state.epoch + 1
             state.epoch, state.batch_in_epoch = done, 0
             epoch_row: dict[str, float] = {"epoch": done, **last_train}
@@ -502,6 +503,7 @@ def _fit_or_eval(
         "epochs": state.epoch,
         "global_step": state.global_step,
         "skipped_steps": state.skipped_steps,
+        "threads": torch.get_num_threads(),
         "history": history,
         "accuracy_unit": "percent",
         "kernels": get_kernels(),  # "eager" if trainer.kernels=compiled could not compile

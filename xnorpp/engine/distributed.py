@@ -1,4 +1,5 @@
-"""DistributedDataParallel set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK)."""
+"""DistributedDataParallel set-up from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK), and the
+decisions every rank must make alike (:func:`ranks_with`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,21 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_reduce_sum", "barrier", "init_distributed", "is_primary"]
+__all__ = [
+    "DistInfo",
+    "PeerFailedError",
+    "all_reduce_sum",
+    "barrier",
+    "init_distributed",
+    "is_primary",
+    "peer_failed",
+    "ranks_with",
+    "world_size",
+]
+
+
+class PeerFailedError(RuntimeError):
+    """A collective failed on this rank: another rank stopped (an error, a kill) or the network broke."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +66,11 @@ def init_distributed(device: str = "auto", backend: str | None = None) -> tuple[
     return info, dev
 
 
+def world_size() -> int:
+    """Processes in the default group (1 when not distributed)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_primary() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
@@ -61,6 +81,22 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
         t = t.clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
+
+
+def ranks_with(flags: list[bool], device: torch.device) -> list[int]:
+    """For each flag, on how many ranks it is set (one all-reduce of ``len(flags)`` numbers; 0 or 1 when
+    not distributed). Every rank calls it at the same point with as many flags, so all decide alike."""
+    t = torch.tensor([float(f) for f in flags], device=device)
+    return [int(v) for v in all_reduce_sum(t).tolist()]
+
+
+def peer_failed(rank: int, error: Exception) -> PeerFailedError:
+    """The error to raise on ``rank`` when a collective failed, naming the likely cause."""
+    first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return PeerFailedError(
+        f"rank {rank}: a collective operation failed ({first}): another rank most likely stopped with an "
+        "error or was killed (its log says why); this rank stops too"
+    )
 
 
 def barrier() -> None:

@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..track import Progress
-from .distributed import all_reduce_sum
+from .distributed import all_reduce_sum, ranks_with, world_size
 from .health import BinarizationHealth
+from .preemption import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +39,8 @@ class StepState:
     global_step: int = 0
     batch_in_epoch: int = 0
     skipped_steps: int = 0
-    # running sums of the current epoch (so a mid-epoch resume reports the same epoch metrics)
+    # running sums of the current epoch (so a mid-epoch resume reports the same epoch metrics): this
+    # rank's while training; in a checkpoint, the totals over ranks (:meth:`summed_over_ranks`)
     loss_sum: Any = 0.0
     correct: Any = 0
     seen: int = 0
@@ -51,9 +53,22 @@ class StepState:
             "seen": self.seen,
         }  # fmt: skip
 
+    def summed_over_ranks(self, device: torch.device) -> StepState:
+        """A copy whose running sums are the totals over all ranks (a collective: every rank calls it)."""
+        sums = [float(self.loss_sum), float(self.correct), float(self.seen)]
+        loss_sum, correct, seen = all_reduce_sum(
+            torch.tensor(sums, dtype=torch.float64, device=device)
+        ).tolist()
+        return replace(self, loss_sum=loss_sum, correct=int(correct), seen=int(seen))
+
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> StepState:
-        return cls(**d)
+    def from_dict(cls, d: dict[str, Any], primary: bool = True) -> StepState:
+        """From :meth:`to_dict`; the stored totals over ranks go to the ``primary`` rank only, so that the
+        epoch's sum over ranks counts them once, whatever the number of ranks."""
+        state = cls(**d)
+        if not primary:
+            state.loss_sum, state.correct, state.seen = 0.0, 0, 0
+        return state
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
@@ -92,16 +107,20 @@ def train_one_epoch(
     on_nonfinite: str = "error",
     log_every: int = 50,
     log_fn: Callable[[dict[str, Any], int], None] | None = None,
-    after_step: Callable[[StepState], bool] | None = None,
+    after_step: Callable[[StepState], None] | None = None,
+    preemption: Preemption | None = None,
     progress: bool = True,
     max_steps: int | None = None,
     health: BinarizationHealth | None = None,
     histograms: Callable[[torch.Tensor], Any] | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch (or until ``after_step`` returns True / ``max_steps`` batches are done).
+    """Train for one epoch (or until ``max_steps`` batches are done, or a ``preemption`` signal).
 
     ``scheduler.step_update(global_step)`` runs before every optimizer step, so the LR is a function of
-    the global step alone (exact on resume). Returns mean loss, top-1 (percent) and images/s.
+    the global step alone (exact on resume). Before each backward the ranks pool whether their loss is
+    finite and which preemption signals they received (one all-reduce), so they all skip, raise or stop
+    after the same step. ``after_step`` runs after every step. Returns mean loss, top-1 (percent) and
+    images/s.
     """
     model.train()
     total = len(loader) + state.batch_in_epoch
@@ -114,8 +133,9 @@ def train_one_epoch(
     state.correct = torch.as_tensor(state.correct, device=device, dtype=torch.int64)
     seen_here = 0
     start = time.perf_counter()
+    stop = False
     for images, target in loader:
-        if max_steps is not None and state.batch_in_epoch >= max_steps:
+        if stop or (max_steps is not None and state.batch_in_epoch >= max_steps):
             break
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
@@ -128,7 +148,10 @@ def train_one_epoch(
         with autocast(device, precision):
             logits = model(images)
             loss = F.cross_entropy(logits.float(), target)
-        if not torch.isfinite(loss):
+        votes = preemption.votes() if preemption is not None else []
+        nonfinite_ranks, *signalled = ranks_with([not bool(torch.isfinite(loss)), *votes], device)
+        stop = preemption is not None and preemption.agree(signalled)
+        if nonfinite_ranks:
             if on_nonfinite == "skip":
                 state.skipped_steps += 1
                 log.warning(
@@ -138,10 +161,14 @@ def train_one_epoch(
                 state.batch_in_epoch += 1
                 state.global_step += 1
                 continue
+            world = world_size()
+            where = (
+                "" if world == 1 else f" on {nonfinite_ranks} of {world} ranks (this rank's: {loss.item()})"
+            )
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at global step {state.global_step} (epoch {state.epoch}, batch "
-                f"{state.batch_in_epoch}); the last good checkpoint is kept. Lower optimizer.lr, check the "
-                "data, or set trainer.on_nonfinite=skip to skip such steps"
+                f"loss is {'not finite' if world > 1 else loss.item()}{where} at global step {state.global_step} "
+                f"(epoch {state.epoch}, batch {state.batch_in_epoch}); the last good checkpoint is kept. Lower "
+                "optimizer.lr, check the data, or set trainer.on_nonfinite=skip to skip such steps"
             )
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
@@ -185,8 +212,8 @@ def train_one_epoch(
                     {**metrics, "epoch": state.epoch + state.batch_in_epoch / max(total, 1)},
                     state.global_step,
                 )
-        if after_step is not None and after_step(state):
-            break
+        if after_step is not None:
+            after_step(state)
     elapsed = time.perf_counter() - start
     totals = all_reduce_sum(
         torch.stack([state.loss_sum.double(), state.correct.double(), torch.tensor(float(state.seen), device=device),

@@ -136,11 +136,14 @@ class WandbTracker:
 
         self._safe("define_metric", _do)
 
-    def finish(self, exit_code: int = 0) -> None:
+    def finish(self, exit_code: int = 0, preempted: bool = False) -> None:
+        """Finish the run (later calls do nothing); ``preempted``: mark it preempting first."""
         if self.run is None:
             return
         run, self.run = self.run, None
         try:
+            if preempted:
+                run.mark_preempting()
             run.finish(exit_code=exit_code)
         except Exception as e:
             log.warning("wandb finish failed (%s: %s)", type(e).__name__, e)
