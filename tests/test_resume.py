@@ -2,20 +2,28 @@
 
 from __future__ import annotations
 
-import errno
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from conftest import ROOT
 
-from xnorpp.engine.checkpoint import CheckpointError, find_resumable, load_checkpoint, save_checkpoint
+from xnorpp.engine.checkpoint import (
+    CheckpointError,
+    find_resumable,
+    load_checkpoint,
+    save_checkpoint,
+    temporary_path,
+)
 from xnorpp.run import REQUEUE_EXIT_CODE, train
 
 # Real bundled data with augmentation on, so data order and augmentation randomness are both exercised.
@@ -117,9 +125,14 @@ def test_ckpt_path_resumes_from_a_given_file(make_cfg, tmp_path: Path) -> None:
     assert resumed["val/loss"] == first["val/loss"]
 
 
+def _ckpt(step: int, epoch: int, w: torch.Tensor | None = None, **extra: object) -> dict:
+    state = {"global_step": step, "epoch": epoch, "batch_in_epoch": 0}
+    return {"model": {"w": torch.ones(3) if w is None else w}, "state": state, **extra}
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous(tmp_path: Path) -> None:
-    old = save_checkpoint({"model": {"w": torch.ones(3)}, "tag": "old"}, tmp_path / "step_000000001.pt")
-    new = save_checkpoint({"model": {"w": torch.zeros(3)}, "tag": "new"}, tmp_path / "step_000000002.pt")
+    old = save_checkpoint(_ckpt(1, 0, tag="old"), tmp_path / "step_000000001.pt")
+    new = save_checkpoint(_ckpt(2, 0, tag="new"), tmp_path / "step_000000002.pt")
     new.write_bytes(new.read_bytes()[: new.stat().st_size // 2])  # truncated, as by a crash mid-copy
     with pytest.warns(UserWarning, match="unreadable or corrupt"):
         found = find_resumable(tmp_path)
@@ -135,18 +148,79 @@ def test_checkpoints_load_with_weights_only_and_refuse_pickled_objects(tmp_path:
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def test_a_full_disk_keeps_the_previous_checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    target = save_checkpoint({"model": {"w": torch.ones(2)}}, tmp_path / "last.pt")
+def test_resume_takes_the_checkpoint_furthest_into_training_whatever_its_name(tmp_path: Path) -> None:
+    save_checkpoint(_ckpt(6, 0), tmp_path / "step_000000006.pt")
+    save_checkpoint(_ckpt(8, 1), tmp_path / "last.pt")  # the end of epoch 0, at step 8
+    save_checkpoint(_ckpt(99, 9), tmp_path / "best.pt")  # never resumed from
+    assert find_resumable(tmp_path)[0].name == "last.pt"
+    save_checkpoint(_ckpt(8, 0), tmp_path / "step_000000008.pt")  # the same step, before the epoch ended
+    assert find_resumable(tmp_path)[0].name == "last.pt"
+    save_checkpoint(_ckpt(9, 1), tmp_path / "step_000000009.pt")
+    assert find_resumable(tmp_path)[0].name == "step_000000009.pt"
+    save_checkpoint(_ckpt(12, 1), tmp_path / "renamed.pt")  # any name
+    assert find_resumable(tmp_path)[0].name == "renamed.pt"
 
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(CheckpointError, match="disk is full"):
-        save_checkpoint({"model": {"w": torch.zeros(2)}}, target)
-    monkeypatch.undo()
-    assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(2))
+_WRITE_FAILED = r"could not write checkpoint {} \({}: .*\); [0-9.]+ MiB free on its filesystem"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+def test_a_failed_write_keeps_the_previous_checkpoint_and_leaves_no_temporary_file(tmp_path: Path) -> None:
+    target = save_checkpoint(_ckpt(1, 0), tmp_path / "last.pt")
+    temporary_path(target).symlink_to("/dev/full")  # every write of the temporary file fails with ENOSPC
+    with pytest.raises(CheckpointError, match=_WRITE_FAILED.format(re.escape(str(target)), "OSError")) as e:
+        save_checkpoint(_ckpt(2, 0, torch.zeros(3)), target)
+    assert "No space left on device" in str(e.value) and "the previous checkpoint is intact" in str(e.value)
+    assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(3))
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Callable[[Path, str], Path]]:
+    """Mounts a tmpfs of a given size at a path (root only: skips elsewhere); unmounts afterwards."""
+    mounted: list[Path] = []
+
+    def mount(path: Path, size: str) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                                               capture_output=True).returncode:  # fmt: skip
+            pytest.skip("mounting a small tmpfs needs root (mount -t tmpfs)")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+def test_a_full_disk_keeps_the_previous_checkpoint(
+    small_disk: Callable[[Path, str], Path], tmp_path: Path
+) -> None:
+    disk = small_disk(tmp_path / "small", "2m")
+    target = save_checkpoint(_ckpt(1, 0), disk / "last.pt")
+    with pytest.raises(
+        CheckpointError, match=_WRITE_FAILED.format(re.escape(str(target)), "RuntimeError")
+    ) as e:
+        save_checkpoint(_ckpt(2, 0, torch.zeros(1 << 20)), target)  # 4 MiB: torch.save's zip writer fails
+    assert "the disk is full: free space or move the run directory" in str(e.value)
+    assert torch.equal(load_checkpoint(target)["model"]["w"], torch.ones(3))
+    assert [p.name for p in disk.iterdir()] == ["last.pt"]
+
+
+def test_training_on_a_full_disk_logs_the_failed_write_and_keeps_the_checkpoint_before(
+    make_cfg, small_disk: Callable[[Path, str], Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "run"
+    disk = small_disk(out / "checkpoints", "120m")  # one checkpoint of this model (~90 MB) fits, not two
+    with caplog.at_level(logging.ERROR, logger="xnorpp"):
+        results = train(
+            make_cfg("trainer.checkpoint.every_steps=1", "trainer.checkpoint.keep_last=3", out=out)
+        )
+    assert results["global_step"] == 2  # training went on
+    failed = [r.getMessage() for r in caplog.records if "could not write checkpoint" in r.getMessage()]
+    assert failed and f"{disk}/step_000000002.pt" in failed[0] and "the disk is full" in failed[0], failed
+    assert [p.name for p in disk.iterdir()] == ["step_000000001.pt"]  # intact, no temporary file
+    assert load_checkpoint(disk / "step_000000001.pt")["state"]["global_step"] == 1
 
 
 def test_checkpoint_of_another_variant_is_refused(make_cfg, tmp_path: Path) -> None:

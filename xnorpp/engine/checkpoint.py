@@ -11,6 +11,7 @@ import errno
 import os
 import random
 import re
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -60,31 +61,41 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def temporary_path(path: Path) -> Path:
+    """Where :func:`save_checkpoint` writes ``path`` before renaming it (hidden, per process)."""
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> Path:
     """Write ``state`` to ``path`` atomically (temp file, flush, fsync, rename, fsync the directory).
 
-    On any failure (a full disk included) the temporary file is removed, the previous file at ``path``
-    is untouched, and a :class:`CheckpointError` says what happened.
+    On any failure the temporary file is removed, the previous file at ``path`` is untouched, and a
+    :class:`CheckpointError` names the path and the free space. (A full disk surfaces as an ``OSError``
+    from a write or as a ``RuntimeError`` from ``torch.save``'s zip writer, "unexpected pos".)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temporary_path(path)
     try:
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
+        if os.name == "posix":  # make the rename durable (a directory cannot be opened on Windows)
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+    except Exception as e:
+        full = getattr(e, "errno", None) == errno.ENOSPC or shutil.disk_usage(path.parent).free < 1 << 20
         tmp.unlink(missing_ok=True)
-        hint = " (the disk is full: free space or move checkpoints)" if e.errno == errno.ENOSPC else ""
+        free = shutil.disk_usage(path.parent).free
         raise CheckpointError(
-            f"could not write checkpoint {path}: {e}{hint}; the previous one is intact"
+            f"could not write checkpoint {path} ({type(e).__name__}: {e}); {free / 2**20:.1f} MiB free on its "
+            f"filesystem{' - the disk is full: free space or move the run directory (hydra.run.dir)' if full else ''}"
+            f"; the previous checkpoint is intact"
         ) from e
     return path
 
@@ -103,23 +114,32 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def _candidates(ckpt_dir: Path) -> list[Path]:
-    """Checkpoints in ``ckpt_dir`` newest first (by the global step stored in the name, then mtime)."""
-    files = [p for p in ckpt_dir.glob("*.pt") if p.name != "best.pt" and not p.name.startswith(".")]
-
-    def key(p: Path) -> tuple[int, float]:
-        m = _STEP_RE.match(p.name)
-        return (int(m.group(1)) if m else -1, p.stat().st_mtime)
-
-    return sorted(files, key=key, reverse=True)
+def _progress(path: Path) -> tuple[int, int]:
+    """``(global_step, epoch)`` stored in a checkpoint, read without loading its tensors (memory-mapped);
+    a :class:`CheckpointError` if it cannot be read."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state"]
+        return int(state["global_step"]), int(state["epoch"])
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path} is unreadable or corrupt: {type(e).__name__}: {e}") from e
 
 
 def find_resumable(ckpt_dir: str | Path) -> tuple[Path, dict[str, Any]] | None:
-    """The newest checkpoint in ``ckpt_dir`` that loads; corrupt newer ones are skipped with a warning."""
+    """The checkpoint in ``ckpt_dir`` furthest into training that loads, whatever its name (``best.pt``
+    aside): the highest global step, then the later epoch (``last.pt`` ends the epoch a step checkpoint of
+    the same step is in), then the newer file. Unreadable ones are skipped with a warning."""
     ckpt_dir = Path(ckpt_dir)
     if not ckpt_dir.is_dir():
         return None
-    for p in _candidates(ckpt_dir):
+    ranked: list[tuple[tuple[int, int, float], Path]] = []
+    for p in ckpt_dir.glob("*.pt"):
+        if p.name == "best.pt" or p.name.startswith("."):
+            continue
+        try:
+            ranked.append(((*_progress(p), p.stat().st_mtime), p))
+        except CheckpointError as e:
+            warnings.warn(f"{e}; falling back to the previous checkpoint", stacklevel=2)
+    for _, p in sorted(ranked, key=lambda kp: kp[0], reverse=True):
         try:
             return p, load_checkpoint(p)
         except CheckpointError as e:
@@ -131,7 +151,8 @@ def rotate(ckpt_dir: str | Path, keep: int) -> list[Path]:
     """Delete all but the newest ``keep`` step checkpoints; returns the deleted paths."""
     if keep <= 0:
         return []
-    old = [p for p in _candidates(Path(ckpt_dir)) if _STEP_RE.match(p.name)][keep:]
+    steps = [p for p in Path(ckpt_dir).glob("step_*.pt") if _STEP_RE.match(p.name)]
+    old = sorted(steps, key=lambda p: int(_STEP_RE.match(p.name).group(1)), reverse=True)[keep:]
     for p in old:
         p.unlink(missing_ok=True)
     return old
