@@ -1,17 +1,25 @@
-"""torchrun DDP on CPU (gloo): one run directory, one results.json, one wandb run, metrics as one process."""
+"""torchrun DDP on CPU (gloo): one run directory, one results.json, one wandb run, metrics as one process;
+decisions all ranks make alike (a preemption signal or a non-finite loss on one rank, a rank that fails)."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import ROOT
 
+from xnorpp.engine.checkpoint import find_resumable
 from xnorpp.engine.memory import find_jemalloc
+from xnorpp.run import REQUEUE_EXIT_CODE
 
 # fp keeps the comparison about DDP (sign flips would amplify float-order differences); a small lr keeps
 # per-process BatchNorm statistics (SyncBatchNorm is CUDA-only) from mattering much.
@@ -25,17 +33,15 @@ for _key in ("LD_PRELOAD", "XNORPP_JEMALLOC"):  # train.py's allocator choice as
     ENV.pop(_key, None)
 
 
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        "train.py",
-        *args,
-    ]
-    return subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+def _torchrun_cmd(*args: str, entry: str = "train.py") -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", entry, *args]
+
+
+def _torchrun(
+    *args: str, entry: str = "train.py", env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    return subprocess.run(_torchrun_cmd(*args, entry=entry), cwd=ROOT, env={**ENV, **(env or {})},
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
 
 
 def _single(*args: str) -> subprocess.CompletedProcess:
@@ -89,3 +95,145 @@ def test_ddp_evaluation_is_exact(runs: dict[str, Path], tmp_path: Path) -> None:
     assert a["val/images"] == b["val/images"] == 25
     assert a["val/top1"] == b["val/top1"] and a["val/top5"] == b["val/top5"]
     assert a["val/loss"] == pytest.approx(b["val/loss"], rel=1e-6)
+
+
+# ------------------------------------------------------------------------------- decisions all ranks make
+# 2 x 10 steps of 8 images per rank, a step checkpoint every 3: time to signal one rank mid-run
+PREEMPT = [*ARGS, "binarization=real_downsample", "optimizer.lr=0.1", "data.num_samples=160", "data.batch_size=8",
+           "trainer.epochs=2", "trainer.kernels=eager", "trainer.checkpoint.every_steps=3", "logger=none"]  # fmt: skip
+# fp, 6 steps of 8 images per rank, a step checkpoint after every step; rank 1's third batch is bad
+FAULTY = [*ARGS, "data.batch_size=8", "trainer.checkpoint.every_steps=1", "logger=none"]
+THIRD_BATCH = {"FAULT_AFTER": "16", "FAULT_COUNT": "8"}
+
+
+def _rank_pids(pid: int) -> dict[int, int]:
+    """The torchrun workers under process ``pid``, by their RANK."""
+    ranks: dict[int, int] = {}
+    pending = [pid]
+    while pending:
+        p = pending.pop()
+        try:
+            env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+            pending += [int(c) for c in Path(f"/proc/{p}/task/{p}/children").read_text().split()]
+        except OSError:
+            continue
+        rank = [e for e in env if e.startswith(b"RANK=")]
+        if p != pid and rank and b"TORCHELASTIC_RUN_ID=" in b" ".join(env):
+            ranks[int(rank[0][5:])] = p
+    return ranks
+
+
+def _same_run(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((d / "results.json").read_text()) for d in (a, b))
+    for key in (
+        "val/top1",
+        "val/top5",
+        "val/loss",
+        "train/loss",
+        "train/top1",
+        "global_step",
+        "skipped_steps",
+    ):
+        assert ra[key] == rb[key], (key, ra[key], rb[key])
+    assert [h["train/loss"] for h in ra["history"]] == [h["train/loss"] for h in rb["history"]]
+    sa, sb = (torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in (a, b))
+    assert all(torch.equal(v, sb["model"][k]) for k, v in sa["model"].items())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run_dir = tmp_path_factory.mktemp("ddp_uninterrupted")
+    done = _torchrun(*PREEMPT, f"hydra.run.dir={run_dir}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return run_dir
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="finds rank 1's pid in Linux /proc")
+def test_sigterm_to_one_rank_stops_every_rank_after_the_same_step_and_resumes_exactly(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "preempted"
+    proc = subprocess.Popen(_torchrun_cmd(*PREEMPT, f"hydra.run.dir={run_dir}"), cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 300
+        while not (run_dir / "checkpoints" / "step_000000003.pt").exists():
+            assert proc.poll() is None and time.time() < deadline, "no step checkpoint appeared"
+            time.sleep(0.05)
+        ranks = _rank_pids(proc.pid)
+        os.kill(ranks[1], signal.SIGTERM)  # rank 1 only: rank 0, which writes checkpoints, is not signalled
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    # every rank exited with the requeue code (torchrun lists each; it exits 1 itself)
+    exits = {int(pid) for pid in re.findall(rf"exitcode\s*: {REQUEUE_EXIT_CODE} \(pid: (\d+)\)", out)}
+    assert exits == set(ranks.values()), out[-3000:]
+    assert "another rank received SIGTERM: checkpointing after the current step" in out  # rank 0's log
+    path, ckpt = find_resumable(run_dir / "checkpoints")
+    step = ckpt["state"]["global_step"]
+    assert path.name == f"step_{step:09d}.pt" and 3 < step < 20 and ckpt["attempts"]["requeues"] == 1
+    again = _torchrun(*PREEMPT, f"hydra.run.dir={run_dir}")  # the same command, as a requeue runs it
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resumed from {path}" in again.stderr + again.stdout
+    _same_run(uninterrupted, run_dir)  # train loss/top-1 of the resumed epoch included
+    results = json.loads((run_dir / "results.json").read_text())
+    assert (results["attempts"], results["requeues"]) == (2, 1)
+    assert (
+        results["wall_time_s"] > json.loads((uninterrupted / "results.json").read_text())["wall_time_s"] / 4
+    )
+
+
+def test_nan_on_one_rank_stops_every_rank_with_the_error(tmp_path: Path) -> None:
+    run_dir = tmp_path / "nan"
+    start = time.time()
+    out = _torchrun(*FAULTY, f"hydra.run.dir={run_dir}", entry="tests/faulty_train.py",
+                    env={"FAULT": "nan", **THIRD_BATCH})  # fmt: skip
+    assert out.returncode != 0 and time.time() - start < 300
+    text = out.stdout + out.stderr
+    assert (
+        "NonFiniteLossError: loss is not finite on 1 of 2 ranks (this rank's: nan) at global step 2" in text
+    )
+    assert re.search(r"loss is not finite on 1 of 2 ranks \(this rank's: [0-9.]+\) at global step 2", text)
+    path, ckpt = find_resumable(run_dir / "checkpoints")  # the last good one is kept
+    assert path.name == "step_000000002.pt" and ckpt["state"]["global_step"] == 2
+
+
+def test_nan_on_one_rank_is_skipped_on_every_rank(tmp_path: Path) -> None:
+    clean = _torchrun(*FAULTY, "trainer.on_nonfinite=skip", f"hydra.run.dir={tmp_path / 'clean'}",
+                      entry="tests/faulty_train.py", env={"FAULT": "nan", "FAULT_COUNT": "0"})  # fmt: skip
+    assert clean.returncode == 0, clean.stderr[-3000:]
+    skipped = _torchrun(*FAULTY, "trainer.on_nonfinite=skip", f"hydra.run.dir={tmp_path / 'skip'}",
+                        entry="tests/faulty_train.py", env={"FAULT": "nan", "FAULT_RANK": "0", **THIRD_BATCH})  # fmt: skip
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("clean", "skip"))
+    assert (a["skipped_steps"], b["skipped_steps"]) == (0, 1) and a["global_step"] == b["global_step"] == 6
+    # the skipped step changed nothing on rank 0, whose BatchNorm statistics DDP hands to every rank at each
+    # forward and whose checkpoint is written: the statistics are restored, so the metrics stay finite
+    assert all(b[k] is not None and b[k] == b[k] for k in ("val/loss", "train/loss", "val/top1"))
+    assert b["val/loss"] != a["val/loss"]  # (one batch fewer trained on)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_error_on_one_rank_stops_the_others_promptly_with_a_clear_message(tmp_path: Path) -> None:
+    """Ranks started as SLURM tasks are (no torchrun to stop the others): rank 1 cannot read an image."""
+    env = {**ENV, "FAULT": "error", **THIRD_BATCH, "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(_free_port())}  # fmt: skip
+    cmd = [sys.executable, "tests/faulty_train.py", *FAULTY, f"hydra.run.dir={tmp_path / 'run'}"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]  # fmt: skip
+    start = time.time()
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert time.time() - start < 120, "a rank waited for the failed one"
+    assert [p.returncode for p in procs] == [1, 1], outs
+    assert "OSError: cannot read training image" in outs[1]
+    assert "PeerFailedError: rank 0: a collective operation failed" in outs[0], outs[0][-3000:]
+    assert "another rank most likely stopped with an error or was killed" in outs[0]

@@ -142,6 +142,8 @@ def train_one_epoch(
         if channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         scheduler.step_update(state.global_step)
+        # a skipped step leaves the model as it was: BatchNorm's running statistics too
+        buffers = [b.clone() for b in model.buffers()] if on_nonfinite == "skip" else []
         measure = health is not None and log_fn is not None and health.due(state.global_step)
         if measure:
             health.capture = True
@@ -158,6 +160,9 @@ def train_one_epoch(
                     "non-finite loss at step %d (epoch %d); step skipped", state.global_step, state.epoch
                 )
                 optimizer.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for b, saved in zip(model.buffers(), buffers):
+                        b.copy_(saved)
                 state.batch_in_epoch += 1
                 state.global_step += 1
                 continue
