@@ -18,26 +18,55 @@ import importlib.util
 import os
 import re
 import sys
+from types import ModuleType
 
 import hydra
 from omegaconf import DictConfig
 
+HERE = os.path.dirname(os.path.abspath(__file__))
 # trainer.malloc=keep|system, also in a sweep's list of values (keep,jemalloc: all jobs of a process share
 # its allocator, and one asking for jemalloc then stops with an error naming the preload command)
 _GLIBC = re.compile(r"^\+{0,2}trainer\.malloc=.*\b(keep|system)\b")
 
 
+def _load(relative: str) -> ModuleType:
+    """A module of the package loaded from its file: importing the package (torch, timm) first would cost
+    seconds that a re-run with jemalloc repeats."""
+    spec = importlib.util.spec_from_file_location(f"_xnorpp_{os.path.basename(relative)[:-3]}",
+                                                  os.path.join(HERE, relative))  # fmt: skip
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _configured_glibc(argv: list[str]) -> bool:
+    """Whether the config of this command asks for glibc (``trainer.malloc`` ``keep`` or ``system``): its
+    YAML files and overrides composed with Hydra's compose API, and any value of a sweep over
+    ``trainer.malloc``. Other sweeps are left out of the composition; command-line options other than
+    ``-m`` (``--config-dir``, ...) leave the command line's ``trainer.malloc=`` values alone to decide."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    swept = any(_GLIBC.match(a) for a in argv)
+    if any(a.startswith("-") and a not in ("-m", "--multirun") for a in argv):
+        return swept
+    try:
+        overrides = [a for a in argv if a not in ("-m", "--multirun")]
+        parsed = OverridesParser.create().parse_overrides(overrides)
+        fixed = [a for a, o in zip(overrides, parsed) if not o.is_sweep_override()]
+        with initialize_config_dir(config_dir=os.path.join(HERE, "conf"), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=fixed)
+        return swept or str(cfg.trainer.malloc) in ("keep", "system")
+    except Exception:  # an override Hydra will reject with its own message
+        return swept
+
+
 def _preload_jemalloc(argv: list[str]) -> None:
-    """Re-run this command with jemalloc preloaded (``xnorpp.engine.memory.preload_jemalloc``), unless
-    ``trainer.malloc=keep|system`` is asked for on the command line. The module is loaded from its file:
-    importing the package (torch, timm) first would cost seconds that the re-run repeats."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "xnorpp", "engine", "memory.py")
-    spec = importlib.util.spec_from_file_location("_xnorpp_memory", path)
-    if spec is None or spec.loader is None:
-        return
-    memory = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(memory)
-    memory.preload_jemalloc(keep_glibc=any(_GLIBC.match(a) for a in argv))
+    """Re-run this command with jemalloc preloaded (``xnorpp.engine.memory.preload_jemalloc``) when it was
+    started as ``python train.py ...`` (not in a notebook, an interactive interpreter or a debugger), unless
+    the config asks for glibc (read only when a re-run would happen)."""
+    _load("xnorpp/engine/memory.py").preload_jemalloc(__file__, keep_glibc=lambda: _configured_glibc(argv))
 
 
 def _share_run_dir_across_ranks(argv: list[str]) -> list[str]:
@@ -77,5 +106,6 @@ def main(cfg: DictConfig) -> float | None:
 
 if __name__ == "__main__":
     _preload_jemalloc(sys.argv[1:])  # (before anything else: the process may start again from here)
+    _load("xnorpp/resolvers.py").register()  # before Hydra composes the launcher's config
     sys.argv = [sys.argv[0], *_share_run_dir_across_ranks(sys.argv[1:])]
     main()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,44 +193,75 @@ def test_jemalloc_policy_under_the_preload_keeps_pages_and_trains() -> None:
 
 
 def _preload_in_a_new_process(
-    env: dict[str, str | None], call: str = "preload_jemalloc()", stdin: bool = False
+    tmp_path: Path,
+    env: dict[str, str | None],
+    call: str = "preload_jemalloc(ENTRY)",
+    how: str = "{script}",
+    stdin: str = "",
 ) -> list[str]:
-    """Run ``call`` first thing in a fresh ``python -c`` (the memory module alone: no torch import), then
-    print whether jemalloc is loaded and LD_PRELOAD; returns the lines it printed (once per run)."""
+    """Start a fresh interpreter as ``python <how>`` (``{script}``: a file whose first thing is ``call``, with
+    the memory module alone: no torch import), which then prints whether jemalloc is loaded and LD_PRELOAD;
+    returns the lines it printed that way (once per run)."""
     import os
+    import shlex
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    code = (
+    script = tmp_path / "entry.py"
+    script.write_text(
         f"import sys; sys.path.insert(0, {str(ROOT / 'xnorpp' / 'engine')!r}); import memory\n"
-        f"from memory import preload_jemalloc; {call}\n"
-        "import os; print(memory.jemalloc_loaded(), os.environ.get('LD_PRELOAD', ''))\n"
+        f"from memory import preload_jemalloc; ENTRY = {str(script)!r}; {call}\n"
+        "import os; print('loaded:', memory.jemalloc_loaded(), os.environ.get('LD_PRELOAD', ''))\n"
     )
     env = {k: v for k, v in {**os.environ, **env}.items() if v is not None}
-    args = dict(input=code) if stdin else {}  # `python -`: the program comes from stdin
-    cmd = [sys.executable, "-"] if stdin else [sys.executable, "-c", code]
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, **args)  # type: ignore
+    cmd = [sys.executable, *shlex.split(how.format(script=script))]
+    out = subprocess.run(cmd, env=env, input=stdin, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.splitlines()
+    return [line.split("loaded: ")[1] for line in out.stdout.splitlines() if "loaded: " in line]
 
 
 @pytest.mark.skipif(
     find_jemalloc() is None, reason="libjemalloc is not installed (apt-get install libjemalloc2)"
 )
-def test_preload_jemalloc_reruns_the_command_with_it_unless_told_not_to() -> None:
+def test_preload_jemalloc_reruns_the_command_with_it_unless_told_not_to(tmp_path: Path) -> None:
     clean = {"LD_PRELOAD": None, "XNORPP_JEMALLOC": None, "_XNORPP_JEMALLOC_RERUN": None}
-    assert _preload_in_a_new_process(clean) == [f"True {find_jemalloc()}"]  # printed once: by the re-run
-    assert _preload_in_a_new_process({**clean, "XNORPP_JEMALLOC": "0"}) == ["False "]
-    assert _preload_in_a_new_process({**clean, "XNORPP_JEMALLOC": "false"}) == ["False "]
-    assert _preload_in_a_new_process(clean, "preload_jemalloc(keep_glibc=True)") == ["False "]
+    lib = find_jemalloc()
+    assert _preload_in_a_new_process(tmp_path, clean) == [f"True {lib}"]  # printed once: by the re-run
+    assert _preload_in_a_new_process(tmp_path, clean, how="-X dev -u {script}") == [f"True {lib}"]
+    assert _preload_in_a_new_process(tmp_path, {**clean, "XNORPP_JEMALLOC": "0"}) == ["False "]
+    assert _preload_in_a_new_process(tmp_path, {**clean, "XNORPP_JEMALLOC": "false"}) == ["False "]
+    glibc = "preload_jemalloc(ENTRY, keep_glibc=lambda: True)"  # the config asks for glibc
+    assert _preload_in_a_new_process(tmp_path, clean, glibc) == ["False "]
     other = "/nonexistent/libtcmalloc.so"  # a preload of another allocator is left alone
-    assert _preload_in_a_new_process({**clean, "LD_PRELOAD": other}) == [f"False {other}"]
-    assert _preload_in_a_new_process(clean, stdin=True) == ["False "]  # stdin is read: cannot run it again
+    assert _preload_in_a_new_process(tmp_path, {**clean, "LD_PRELOAD": other}) == [f"False {other}"]
     # a preload that does not load (here a missing file) runs the command once more, never again
-    bogus = "memory.find_jemalloc = lambda: '/nonexistent/libjemalloc.so.2'; preload_jemalloc()"
-    assert _preload_in_a_new_process(clean, bogus) == ["False /nonexistent/libjemalloc.so.2"]
+    bogus = "memory.find_jemalloc = lambda: '/nonexistent/libjemalloc.so.2'; preload_jemalloc(ENTRY)"
+    assert _preload_in_a_new_process(tmp_path, clean, bogus) == ["False /nonexistent/libjemalloc.so.2"]
+
+
+@pytest.mark.skipif(
+    find_jemalloc() is None, reason="libjemalloc is not installed (apt-get install libjemalloc2)"
+)
+@pytest.mark.parametrize(
+    "how, stdin",
+    [
+        ("-m pdb {script}", "continue\nquit\n"),  # a debugger keeps its breakpoints
+        ("-i {script}", ""),  # an interactive interpreter after the script
+        ("-c \"exec(open('{script}').read())\"", ""),  # run inside another program (a notebook's %run)
+        ("- < /dev/null", "exec(open('{script}').read())"),  # a program read from stdin
+    ],
+)
+def test_preload_jemalloc_never_reruns_an_interpreter_a_debugger_or_another_program(
+    tmp_path: Path, how: str, stdin: str
+) -> None:
+    clean = {"LD_PRELOAD": None, "XNORPP_JEMALLOC": None, "_XNORPP_JEMALLOC_RERUN": None}
+    script = tmp_path / "entry.py"
+    lines = _preload_in_a_new_process(
+        tmp_path, clean, how=how.split(" <")[0], stdin=stdin.format(script=script)
+    )
+    assert lines == ["False "]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
@@ -258,3 +290,37 @@ def test_layout_like_lays_a_scale_out_as_the_activation() -> None:
     g_cl = kernels.layout_like(g, y_cl)
     assert g_cl.is_contiguous(memory_format=torch.channels_last) and torch.equal(g_cl[0], g)
     assert torch.equal(y_cl * g_cl, y * g) and (y_cl * g_cl).is_contiguous(memory_format=torch.channels_last)
+
+
+@pytest.mark.skipif(
+    find_jemalloc() is None, reason="libjemalloc is not installed (apt-get install libjemalloc2)"
+)
+def test_train_py_honours_a_malloc_set_in_a_yaml_file(tmp_path: Path) -> None:
+    """``trainer.malloc: keep`` in a config file (here a trainer option of its own) keeps glibc, as on the
+    command line; the default re-runs train.py with jemalloc."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, TINY
+
+    (tmp_path / "conf" / "trainer").mkdir(parents=True)
+    (tmp_path / "conf" / "trainer" / "glibc.yaml").write_text("defaults:\n  - default\nmalloc: keep\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "XNORPP_JEMALLOC")}
+    allocators = []
+    for extra in ([f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "trainer=glibc"], []):
+        run_dir = tmp_path / f"run{len(allocators)}"
+        cmd = [
+            sys.executable,
+            "train.py",
+            *TINY,
+            "trainer.checkpoint.save=false",
+            *extra,
+            f"hydra.run.dir={run_dir}",
+        ]
+        out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results = json.loads((run_dir / "results.json").read_text())
+        allocators.append((results["malloc"], results["allocator"]))
+    assert allocators == [("keep", "glibc"), ("jemalloc", "jemalloc")]

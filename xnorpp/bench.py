@@ -736,7 +736,9 @@ def _nan_to_none(obj: Any) -> Any:
 
 if __name__ == "__main__":
     # as train.py: jemalloc preloaded where installed (the workers inherit it), unless asked for glibc
-    preload_jemalloc(keep_glibc=build_parser().parse_args().malloc in ("keep", "system"))
+    preload_jemalloc(
+        "xnorpp.bench", keep_glibc=lambda: build_parser().parse_args().malloc in ("keep", "system")
+    )
     from xnorpp.bench import main as _main  # the importable module, so that workers unpickle its functions
 
     _main()

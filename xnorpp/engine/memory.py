@@ -20,10 +20,11 @@ switch its allocator once running, so without the preload this policy is an erro
 command. Under a preloaded jemalloc, ``keep`` means the same as ``jemalloc``.
 
 ``auto`` (the default): ``jemalloc`` where it is loaded, else ``keep``. The command-line entry points
-(``train.py``, ``python -m xnorpp.bench``) preload it themselves: :func:`preload_jemalloc` runs the same
-command again, in the same process (``exec``, same pid), with jemalloc in ``LD_PRELOAD``, where jemalloc
-is installed. ``XNORPP_JEMALLOC=0`` (or asking for ``keep``/``system`` on the command line, or a preload
-of another allocator) stays as is.
+(``python train.py``, ``python -m xnorpp.bench``) preload it themselves: :func:`preload_jemalloc` runs the
+same command again, in the same process (``exec``, same pid), with jemalloc in ``LD_PRELOAD``, where
+jemalloc is installed - only when the process was started as that entry point, never inside an
+interactive interpreter, a notebook or a debugger. ``XNORPP_JEMALLOC=0`` (or a configured ``keep`` or
+``system``, or a preload of another allocator) stays as is.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import glob
 import logging
 import os
 import sys
+from collections.abc import Callable
 
 __all__ = [
     "JEMALLOC_DIRS",
@@ -47,6 +49,7 @@ __all__ = [
     "set_jemalloc_decay",
     "set_malloc_policy",
     "set_malloc_thresholds",
+    "started_as",
 ]
 
 MALLOC_POLICIES: tuple[str, ...] = ("auto", "keep", "system", "jemalloc")
@@ -125,33 +128,79 @@ def _jemalloc_missing() -> str:
     )
 
 
-def preload_jemalloc(keep_glibc: bool = False) -> None:
+def _program(orig_argv: list[str]) -> tuple[str, str] | None:
+    """What a ``python`` command line runs: ``("script", path)``, ``("module", name)``, ``("command", code)``
+    or ``None`` (an interactive interpreter, a program on stdin), after the interpreter's options."""
+    i = 1
+    while i < len(orig_argv):
+        arg = orig_argv[i]
+        if arg == "--check-hash-based-pycs":
+            i += 2
+            continue
+        if arg == "-":
+            return None
+        if not arg.startswith("-"):
+            return "script", arg
+        if not arg.startswith("--"):
+            for j, flag in enumerate(arg[1:], start=2):  # bundled flags: -uB, -Wignore, -mpdb
+                if flag in "cmWX":
+                    attached = arg[j:]
+                    value = attached or (orig_argv[i + 1] if i + 1 < len(orig_argv) else "")
+                    if flag in "cm":
+                        return ("module" if flag == "m" else "command"), value
+                    i += 0 if attached else 1
+                    break
+        i += 1
+    return None
+
+
+def started_as(entry: str) -> bool:
+    """Whether this process was started as the command-line program ``entry`` (a script's path, or a
+    module's name as in ``python -m``), not in an interactive interpreter (``python -i``, a REPL, a
+    notebook's ``%run``), a debugger (``python -m pdb``, a trace function) or another program."""
+    monitoring = getattr(sys, "monitoring", None)  # Python >= 3.12: debuggers may use it instead of a trace
+    if (
+        sys.flags.interactive
+        or hasattr(sys, "ps1")
+        or sys.gettrace() is not None
+        or (monitoring is not None and monitoring.get_tool(monitoring.DEBUGGER_ID) is not None)
+    ):
+        return False
+    program = _program(list(getattr(sys, "orig_argv", [])))
+    if program is None:
+        return False
+    kind, value = program
+    if kind == "script":
+        return os.path.realpath(value) == os.path.realpath(entry)
+    return kind == "module" and value == entry
+
+
+def preload_jemalloc(entry: str, keep_glibc: Callable[[], bool] = lambda: False) -> None:
     """Run this process's command again with jemalloc preloaded, where it is installed and not loaded.
 
     ``os.execve`` of ``sys.executable`` with ``sys.orig_argv`` (interpreter options and ``-m`` kept),
     the same environment plus ``LD_PRELOAD``: the pid stays, so ``torchrun`` and job schedulers follow
     it, and child processes start on jemalloc too, as with a preload typed on the command line. Call it
-    as early as possible in a command-line entry point (what ran before it runs again). Does nothing on
-    other systems than Linux, with ``keep_glibc``, with ``XNORPP_JEMALLOC=0`` (or ``false``, ``no``,
-    ``off``), when jemalloc is loaded or not installed, when ``LD_PRELOAD`` already names another
-    allocator, for a program read from stdin, or in the re-run (if its preload did not load, it goes on
-    with glibc).
+    as early as possible in a command-line entry point (what ran before it runs again), with ``entry``
+    its script's path or module name (:func:`started_as`). Does nothing unless the process was started
+    as ``entry`` on Linux, with ``XNORPP_JEMALLOC=0`` (or ``false``, ``no``, ``off``), when jemalloc is
+    loaded or not installed, when ``LD_PRELOAD`` already names another allocator, when ``keep_glibc()``
+    (asked last: it may read the config) or in the re-run (if its preload did not load, it goes on with
+    glibc).
     """
     if os.environ.pop(_RERUN_ENV, None) is not None:  # this is the re-run
         return
     preloaded = os.environ.get("LD_PRELOAD", "")
     if (
         not sys.platform.startswith("linux")
-        or keep_glibc
         or os.environ.get(PRELOAD_ENV, "1").strip().lower() in ("0", "false", "no", "off")
         or jemalloc_loaded()
         or any(name in preloaded for name in _ALLOCATORS)
-        or not getattr(sys, "orig_argv", None)
-        or sys.argv[0] in ("", "-")  # an interactive session or a program read from stdin: cannot re-run
+        or not started_as(entry)
     ):
         return
     path = find_jemalloc()
-    if path is None:
+    if path is None or keep_glibc():
         return
     env = {**os.environ, "LD_PRELOAD": f"{path}:{preloaded}" if preloaded else path, _RERUN_ENV: "1"}
     sys.stdout.flush()
