@@ -316,3 +316,25 @@ def test_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     save_file({"w": torch.zeros(2)}, str(meta_path), metadata={"xnorpp": json.dumps(future)})
     with pytest.raises(ValueError, match="version 99"):
         read_export_metadata(meta_path)
+
+
+@pytest.mark.parametrize("model", ["timm_resnet18", "resnet34_preact"])
+def test_every_trainable_model_exports_from_its_training_checkpoint(
+    make_cfg: Callable[..., Any], model: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The models train.py trains (resnet18_preact elsewhere here): checkpoint -> CLI export -> same outputs."""
+    from xnorpp.engine.checkpoint import load_checkpoint as load_training_checkpoint
+    from xnorpp.run import build_model, train
+
+    train(make_cfg(f"model={model}", out=tmp_path / "run"))
+    ckpt = load_training_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")
+    out = tmp_path / "model.safetensors"
+    assert main([str(tmp_path / "run" / "checkpoints" / "last.pt"), str(out)]) == 0, capsys.readouterr().err
+    trained = build_model(ckpt["model_args"])
+    trained.load_state_dict(ckpt["model"])
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(trained.eval()(x), load_export(out)(x))
+    meta = read_export_metadata(out)
+    want = ("fp", "none") if model == "timm_resnet18" else ("real_downsample", "rank1")
+    assert (meta["architecture"], meta["variant"], meta["scale"]) == (ckpt["model_args"]["name"], *want)

@@ -68,6 +68,7 @@ __all__ = [
     "build_model_from_args",
     "export_checkpoint",
     "export_model",
+    "is_binary_architecture",
     "load_checkpoint",
     "load_export",
     "main",
@@ -169,13 +170,24 @@ def unpack_signs(packed: Tensor, shape: Sequence[int], dtype: torch.dtype = torc
 # --------------------------------------------------------------------------- models
 
 
+def is_binary_architecture(name: str) -> bool:
+    """Whether timm model ``name`` is one of xnorpp's binary ResNets (which take the binary arguments)."""
+    return name.endswith("_preact_bin")
+
+
 def build_model_from_args(model_args: Mapping[str, Any]) -> nn.Module:
-    """``timm.create_model(name, **rest)`` from a checkpoint's ``model_args`` (``name`` is required)."""
+    """``timm.create_model(name, **rest)`` from a checkpoint's ``model_args`` (``name`` is required); timm's
+    own real-valued models (``model=timm_resnet18``) get ``num_classes`` and ``in_chans`` only."""
     args = dict(model_args)
     name = args.pop("name", None)
     if not name:
         raise ValueError(f"model_args has no 'name' (the timm model name); got keys {sorted(model_args)}")
-    return timm.create_model(name, **args)
+    if not is_binary_architecture(name):
+        args = {k: args[k] for k in ("num_classes", "in_chans") if k in args}
+    try:
+        return timm.create_model(name, **args)
+    except TypeError as e:
+        raise ValueError(f"model_args {dict(model_args)} do not build timm model {name!r}: {e}") from e
 
 
 def state_bytes_fp32(state: Mapping[str, Tensor]) -> int:
@@ -288,6 +300,7 @@ def export_model(model: nn.Module, model_args: Mapping[str, Any], out: str | Pat
     _check_against_args(model, args_json, [e["name"] for e in packed_entries], xnor_alpha, shapes)
 
     a = args_json
+    binary = is_binary_architecture(a["name"])
     input_size = getattr(model, "input_size", a.get("input_size"))
     if isinstance(input_size, int):
         input_size = [input_size, input_size]
@@ -296,13 +309,13 @@ def export_model(model: nn.Module, model_args: Mapping[str, Any], out: str | Pat
         "format_version": FORMAT_VERSION,
         "xnorpp_version": getattr(sys.modules[__package__], "__version__", "unknown"),
         "architecture": a["name"],
-        "variant": getattr(model, "binarization", a.get("binarization")),
-        "scale": getattr(model, "scale", a.get("scale")),
+        "variant": getattr(model, "binarization", a.get("binarization")) if binary else "fp",
+        "scale": getattr(model, "scale", a.get("scale")) if binary else "none",
         "input_size": list(input_size) if input_size is not None else None,
         "num_classes": a.get("num_classes", getattr(model, "num_classes", None)),
         "in_chans": a.get("in_chans", getattr(model, "in_chans", None)),
-        "stem": a.get("stem", getattr(model, "stem_type", None)),
-        "estimator": a.get("estimator"),
+        "stem": a.get("stem", getattr(model, "stem_type", None)) if binary else None,
+        "estimator": a.get("estimator") if binary else None,
         "model_args": args_json,
         "bit_order": BIT_ORDER,
         "packed": packed_entries,

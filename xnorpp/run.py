@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -36,6 +35,7 @@ from .engine.loaders import build_loaders
 from .engine.loop import PRECISIONS
 from .engine.memory import allocator, malloc_in_use, set_malloc_policy
 from .engine.preemption import REQUEUE_EXIT_CODE, Attempts, Preempted, Preemption
+from .export import build_model_from_args, is_binary_architecture
 from .model_summary import summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
@@ -76,15 +76,12 @@ def model_args_from_cfg(cfg: DictConfig, num_classes: int, in_chans: int) -> dic
 
 def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
     """``timm.create_model`` from stored arguments; timm's own real models ignore the binary ones."""
-    args = dict(model_args)
-    name = args.pop("name")
-    if name.endswith("_preact_bin"):
-        return timm.create_model(name, **args)
-    if args["binarization"] != "fp":
+    if not is_binary_architecture(model_args["name"]) and model_args["binarization"] != "fp":
         log.warning(
-            "model %s is real-valued: binarization=%s and scale are ignored", name, args["binarization"]
-        )
-    return timm.create_model(name, num_classes=args["num_classes"], in_chans=args["in_chans"])
+            "model %s is real-valued: binarization=%s and scale are ignored",
+            model_args["name"], model_args["binarization"],
+        )  # fmt: skip
+    return build_model_from_args(model_args)
 
 
 def _apply_process_settings(cfg: DictConfig, device: torch.device, primary: bool) -> None:
@@ -116,7 +113,8 @@ def _apply_process_settings(cfg: DictConfig, device: torch.device, primary: bool
 
 def _check_scale_fits(model_args: dict[str, Any]) -> None:
     """Spatial scales only make sense when the stages keep a spatial extent: say so before training."""
-    if model_args["scale"] not in SPATIAL_SCALES or model_args["binarization"] == "fp":
+    binary = is_binary_architecture(model_args["name"]) and model_args["binarization"] != "fp"
+    if model_args["scale"] not in SPATIAL_SCALES or not binary:
         return
     min_size = 32 if model_args["stem"] == "imagenet" else 8
     if model_args["input_size"] < min_size:
