@@ -130,7 +130,7 @@ def check_reference(root: Path) -> Path:
 
 
 def check_preemption(root: Path, reference: Path, name: str, one_rank: bool) -> str:
-    sweep = root / name
+    sweep = root / ("usr2_rank1" if one_rank else "usr2_job")
     proc = _sweep(sweep, *DDP)
     job_id = _wait_for_step_checkpoint(proc, sweep / "0")
     if one_rank:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import platform
 import subprocess
 import sys
 import warnings
@@ -189,7 +190,10 @@ def test_a_failed_build_warns_once_and_falls_back_to_identical_results(
         second = kernels.masked_grad(grads((2, 3, 4, 5)), code, torch.float32)
     messages = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(messages) == 1, messages
-    assert "building the binary layers' C kernels failed" in messages[0] and "false" in messages[0]
+    assert (
+        "the binary layers' C kernels cannot be used (RuntimeError: " in messages[0]
+        and "false" in messages[0]
+    )
     assert "trainer.kernels=eager" in messages[0] and str(tmp_path) in messages[0]
     assert not native.available() and "failed" in (native.unavailable_reason() or "")
     assert list(tmp_path.iterdir()) == []  # no half-written library left behind
@@ -275,3 +279,23 @@ print(native.library_path(native._compiler()))
     assert out.returncode == 0, out.stderr[-2000:]
     portable = Path(out.stdout.strip())
     assert portable.exists() and portable.name != native.library_path(native._compiler()).name  # own key
+
+
+def test_off_linux_the_c_kernels_say_once_that_they_are_linux_only(
+    compiled: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On macOS (or Windows) nothing crashes and nothing asks for a compiler the user has."""
+    monkeypatch.setattr(platform, "system", lambda: "Darwin")
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_reason", None)
+    monkeypatch.setattr(kernels, "_native_warned", False)
+    code = codes((2, 3, 4, 5))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kernels.code_sign(code, torch.float32)
+        kernels.code_sign(code, torch.float32)
+    (message,) = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert "built on Linux only, this is Darwin" in message and "nothing to install" in message
+    assert "gcc" not in message and "compiler" not in message
+    assert "xcode-select --install" in native.compiler_hint()  # what torch.compile's failure names there

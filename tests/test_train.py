@@ -158,3 +158,26 @@ def test_weight_decay_groups_reach_the_optimizer(make_cfg) -> None:
     n_scales = sum(p.numel() for n, p in model.named_parameters() if "scale_factor" in n)
     assert n_binary == 10_985_472 + n_scales
     assert torch.is_tensor(groups["real"]["params"][0])
+
+
+def test_each_job_of_a_multirun_starts_from_its_own_switches(make_cfg, tmp_path: Path) -> None:
+    """Jobs of a sequential multirun share a process: process-wide switches follow each job's config."""
+    from xnorpp.nn import kernels
+    from xnorpp.run import _DEFAULT_THREADS
+
+    odd = train(make_cfg("trainer.int8_conv=false", "trainer.deterministic=true", "trainer.threads=3",
+                         "trainer.kernels=eager", out=tmp_path / "a"))  # fmt: skip
+    assert (odd["int8_conv"], odd["kernels"], odd["threads"]) == (False, "eager", 3)
+    assert torch.are_deterministic_algorithms_enabled()
+    kernels._failed = "RuntimeError: as if this job's compile had failed"
+    plain = train(make_cfg("trainer.kernels=compiled", "trainer.threads=null", out=tmp_path / "b"))
+    assert (plain["int8_conv"], plain["kernels"], plain["threads"]) == (True, "compiled", _DEFAULT_THREADS)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+def test_threads_follow_the_slurm_allocation(make_cfg, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SLURM_CPUS_PER_TASK", "2")
+    assert train(make_cfg("trainer.threads=null"))["threads"] == 2
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's two processes in one SLURM task
+    assert train(make_cfg("trainer.threads=null"))["threads"] == 1
+    assert train(make_cfg("trainer.threads=3"))["threads"] == 3  # trainer.threads wins

@@ -18,6 +18,7 @@ eager kernel.
 
 from __future__ import annotations
 
+import platform
 import warnings
 from collections.abc import Callable
 
@@ -95,11 +96,14 @@ _native_warned = False
 
 
 def set_kernels(mode: str) -> None:
-    """Run :func:`sign_code` ``"eager"`` (PyTorch ops, the default) or ``"compiled"`` (one fused loop)."""
-    global _mode
+    """Run :func:`sign_code` ``"eager"`` (PyTorch ops, the default) or ``"compiled"`` (one fused loop).
+
+    Each call starts afresh: a compile that failed before is tried again (and warns again if it fails).
+    """
+    global _mode, _failed, _native_warned
     if mode not in KERNEL_MODES:
         raise ValueError(f"unknown kernel mode {mode!r}; valid choices: {', '.join(KERNEL_MODES)}")
-    _mode = mode
+    _mode, _failed, _native_warned = mode, None, False
 
 
 def get_kernels() -> str:
@@ -122,10 +126,11 @@ def _run(kernel: Callable[..., tuple[Tensor, Tensor]], x: Tensor, *args: object)
         except Exception as e:  # any compiler failure: fall back, never stop training
             first_line = (str(e).strip().splitlines() or [""])[0]
             _failed = f"{type(e).__name__}: {first_line}"
+            fix = f"on CPU torch.compile needs a C++ compiler: {native.compiler_hint()}; on CUDA, Triton"
             warnings.warn(
                 f"compiling the binary layers' sign kernel failed ({_failed}); using the eager kernel "
-                "(same results, slower on CPU). Install a C++ compiler (CPU) or Triton (CUDA), or set "
-                "trainer.kernels=eager (xnorpp.nn.set_kernels('eager')) to skip compiling.",
+                f"(same results, slower on CPU). To compile: {fix}. Or set trainer.kernels=eager "
+                "(xnorpp.nn.set_kernels('eager')) to skip compiling.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -147,11 +152,15 @@ def _native(*tensors: Tensor) -> bool:
         return True
     if not _native_warned:
         _native_warned = True
+        fix = (
+            f"{native.compiler_hint()}, make {native.cache_dir()} writable (or set XNORPP_CACHE_DIR), or set "
+            "trainer.kernels=eager (xnorpp.nn.set_kernels('eager')) to skip building"
+            if platform.system() == "Linux"
+            else "nothing to install"
+        )
         warnings.warn(
-            f"building the binary layers' C kernels failed ({native.unavailable_reason()}); using PyTorch's "
-            f"ops for them (same results, slower on CPU). Install a C compiler (or set CC), make "
-            f"{native.cache_dir()} writable (or set XNORPP_CACHE_DIR), or set trainer.kernels=eager "
-            "(xnorpp.nn.set_kernels('eager')) to skip building.",
+            f"the binary layers' C kernels cannot be used ({native.unavailable_reason()}); PyTorch's ops run "
+            f"their work instead (same results, slower on CPU): {fix}.",
             RuntimeWarning,
             stacklevel=3,
         )

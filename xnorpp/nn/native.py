@@ -47,6 +47,7 @@ __all__ = [
     "calls",
     "code_sign",
     "compiler_flags",
+    "compiler_hint",
     "dense",
     "gamma_backward",
     "gamma_forward",
@@ -95,6 +96,16 @@ def cache_dir() -> Path:
     if home == "~":  # no home directory (no HOME, no passwd entry)
         return Path(tempfile.gettempdir()) / f"xnorpp-{os.getuid()}"
     return Path(home) / ".cache" / "xnorpp"
+
+
+def compiler_hint() -> str:
+    """How to get the C/C++ compiler the kernels and ``torch.compile`` use on this platform."""
+    system = platform.system()
+    if system == "Darwin":
+        return "install Apple's command line tools (xcode-select --install)"
+    if system == "Windows":
+        return "install the Visual Studio Build Tools (MSVC) and run from their developer prompt"
+    return "install gcc (Debian/Ubuntu: apt-get install gcc) or set CC"
 
 
 def _compiler() -> str | None:
@@ -156,10 +167,10 @@ def _build(compiler: str, target: Path) -> None:
 
 def _load() -> ctypes.CDLL:
     if platform.system() != "Linux":
-        raise RuntimeError(f"built for Linux only, this is {platform.system()}")
+        raise RuntimeError(f"they are built on Linux only, this is {platform.system()}")
     compiler = _compiler()
     if compiler is None:
-        raise RuntimeError("no C compiler found (set CC or install gcc)")
+        raise RuntimeError(f"no C compiler found: {compiler_hint()}")
     path = library_path(compiler)
     if not path.exists():
         _build(compiler, path)
