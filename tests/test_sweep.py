@@ -138,6 +138,11 @@ def test_slurm_launcher_config_and_ddp_environment(monkeypatch: pytest.MonkeyPat
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.tasks_per_node == 4 and launcher.nodes == 1 and launcher.max_num_timeout > 0
+    # CPU-only nodes: one task per node unless told otherwise
+    for gpus, tasks, want in (("0", None, 1), ("null", None, 1), ("0", "3", 3), ("2", "1", 1)):
+        extra = [f"hydra.launcher.tasks_per_node={tasks}"] if tasks else []
+        cpu = _compose("hydra/launcher=slurm", f"hydra.launcher.gpus_per_node={gpus}", *extra).hydra.launcher
+        assert cpu.tasks_per_node == want, (gpus, tasks)
     assert any("MASTER_ADDR" in line for line in launcher.setup)
     # the job script preloads jemalloc (trainer.malloc=auto) where the node has it, unless opted out
     line = next(line for line in launcher.setup if "LD_PRELOAD" in line)
@@ -180,17 +185,19 @@ def test_slurm_launcher_renders_an_sbatch_script(tmp_path: Path, monkeypatch: py
             raise Stop
 
     monkeypatch.setattr(submitit, "AutoExecutor", Recorder)
-    cfg = _compose("hydra/launcher=slurm", "hydra.launcher.gpus_per_node=2", "hydra.launcher.partition=gpu",
-                   f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
-    launcher = instantiate(cfg.hydra.launcher)
-    launcher.config = cfg
-    with pytest.raises(Stop):
-        launcher.launch([["seed=0"]], initial_job_idx=0)
-    text = rendered["sbatch"]
-    for flag in ["--gpus-per-node=2", "--ntasks-per-node=2", "--partition=gpu", "--signal=USR2@300",
-                 "--nodes=1", "--cpus-per-task=16", "--mem=64GB"]:  # fmt: skip
-        assert f"#SBATCH {flag}" in text, (flag, text)
-    assert "export MASTER_ADDR=" in text and "export MASTER_PORT=" in text
+    for gpus, flags in (("2", ["--gpus-per-node=2", "--ntasks-per-node=2", "--partition=gpu"]),
+                        ("0", ["--gpus-per-node=0", "--ntasks-per-node=1"])):  # fmt: skip
+        cfg = _compose("hydra/launcher=slurm", f"hydra.launcher.gpus_per_node={gpus}", "hydra.launcher.partition=gpu",
+                       f"hydra.sweep.dir={tmp_path / 'sweep'}")  # fmt: skip
+        launcher = instantiate(cfg.hydra.launcher)
+        launcher.config = cfg
+        with pytest.raises(Stop):
+            launcher.launch([["seed=0"]], initial_job_idx=0)
+        text = rendered["sbatch"]
+        for flag in [*flags, "--signal=USR2@300", "--nodes=1", "--cpus-per-task=8", "--mem=16GB"]:
+            assert f"#SBATCH {flag}" in text, (flag, text)
+        assert "export MASTER_ADDR=" in text and "export MASTER_PORT=" in text
+        assert "export SLURM_KILL_BAD_EXIT=1" in text  # a failed task ends the others
 
 
 # -------------------------------------------------------------------------------------------- wandb sweeps
