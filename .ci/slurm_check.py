@@ -62,29 +62,27 @@ def _job_logs(sweep_dir: Path) -> str:
 
 
 def _wait_for_step_checkpoint(proc: subprocess.Popen, job: Path, timeout: float = 600) -> str:
-    """The SLURM job id (array form) once the job has written its first step checkpoint."""
+    """The SLURM job id (``N``, or ``N_I`` in a job array) once the job has written a step checkpoint."""
     deadline = time.time() + timeout
     while not list((job / "checkpoints").glob("step_*.pt")):
         if proc.poll() is not None or time.time() > deadline:
             raise AssertionError(f"no step checkpoint in {job}: {proc.communicate()[0][-3000:]}")
         time.sleep(0.2)
-    (job_id,) = [p.name for p in (job.parent / ".submitit").iterdir() if re.fullmatch(r"\d+_\d+", p.name)]
+    (job_id,) = [p.name for p in (job.parent / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
     return job_id
 
 
 def _task_pid(job_id: str, rank: int) -> int:
     """The pid of the job's task ``rank`` (this host: a one-node cluster)."""
-    array, task = job_id.split("_")
+    keys = [b"SLURM_ARRAY_JOB_ID", b"SLURM_ARRAY_TASK_ID"] if "_" in job_id else [b"SLURM_JOB_ID"]
+    want = [*(part.encode() for part in job_id.split("_")), str(rank).encode()]
     for proc in Path("/proc").iterdir():
         try:
             env = dict(e.split(b"=", 1) for e in (proc / "environ").read_bytes().split(b"\0") if b"=" in e)
+            cmdline = (proc / "cmdline").read_bytes()
         except OSError:
             continue
-        if (env.get(b"SLURM_ARRAY_JOB_ID"), env.get(b"SLURM_ARRAY_TASK_ID"), env.get(b"SLURM_PROCID")) == (
-            array.encode(),
-            task.encode(),
-            str(rank).encode(),
-        ) and b"submitit" in (proc / "cmdline").read_bytes():
+        if [env.get(k) for k in (*keys, b"SLURM_PROCID")] == want and b"submitit" in cmdline:
             return int(proc.name)
     raise AssertionError(f"no task {rank} of job {job_id} on this host")
 

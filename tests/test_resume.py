@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -283,3 +284,34 @@ def test_wandb_key_without_a_reachable_server_falls_back_to_offline(
     finally:
         tracker.finish()
     assert time.time() - start < 60  # bounded by init_timeout, not wandb's ~100 s of retries
+
+
+def test_a_preempted_run_finishes_its_wandb_run_as_preempting_and_counts_the_attempts(
+    make_cfg, tmp_path: Path
+) -> None:
+    """SIGTERM in the middle of an epoch (a real signal to this process): the wandb run is finished,
+    marked preempting, before the hand-over; the resumed run counts 2 attempts and 1 requeue."""
+    from test_sweep import _wandb_records
+
+    from xnorpp.run import Preempted
+
+    out = tmp_path / "run"
+    cfg = make_cfg("logger=wandb", "logger.wandb.mode=offline", "logger.wandb.log_model_summary=false",
+                   "trainer.limit_train_batches=6", "trainer.checkpoint.every_steps=2", out=out)  # fmt: skip
+
+    def signal_after_the_first_checkpoint() -> None:
+        while not (out / "checkpoints" / "step_000000002.pt").exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=signal_after_the_first_checkpoint, daemon=True).start()
+    with pytest.raises(Preempted) as stopped:
+        train(cfg)
+    assert stopped.value.code == REQUEUE_EXIT_CODE
+    (first,) = out.glob("wandb/offline-run-*/run-*.wandb")
+    records = _wandb_records(first)
+    assert "preempting" in [r.WhichOneof("record_type") for r in records]
+    assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [REQUEUE_EXIT_CODE]
+    results = train(cfg)  # the requeued run
+    assert (results["global_step"], results["attempts"], results["requeues"]) == (6, 2, 1)
+    assert results["wall_time_s"] > time.time() - first.stat().st_mtime  # the first attempt counts too
