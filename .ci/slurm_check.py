@@ -39,18 +39,18 @@ DDP = [*TINY, "data.num_samples=160", "trainer.epochs=2", "trainer.checkpoint.ev
 
 
 def _sweep(sweep_dir: Path, *args: str) -> subprocess.Popen:
+    """``train.py -m`` on the cluster's CPU nodes; its output goes to ``<sweep_dir>.log``."""
     cmd = [sys.executable, "train.py", "-m", *CPU_NODES, *args, f"hydra.sweep.dir={sweep_dir}"]
     env = {**os.environ, "WANDB_SILENT": "true"}
-    return subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
+    with open(f"{sweep_dir}.log", "w") as log:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _finish(proc: subprocess.Popen, what: str, timeout: float = 900) -> str:
-    out, _ = proc.communicate(timeout=timeout)
+def _finish(proc: subprocess.Popen, what: str, timeout: float = 900) -> None:
+    proc.wait(timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"{what}: exit {proc.returncode}\n{out[-4000:]}")
-    return out
+        log = Path(f"{proc.args[-1].split('=', 1)[1]}.log").read_text()
+        raise AssertionError(f"{what}: exit {proc.returncode}\n{log[-4000:]}")
 
 
 def _results(job: Path) -> dict[str, Any]:
@@ -66,7 +66,7 @@ def _wait_for_step_checkpoint(proc: subprocess.Popen, job: Path, timeout: float 
     deadline = time.time() + timeout
     while not list((job / "checkpoints").glob("step_*.pt")):
         if proc.poll() is not None or time.time() > deadline:
-            raise AssertionError(f"no step checkpoint in {job}: {proc.communicate()[0][-3000:]}")
+            raise AssertionError(f"no step checkpoint in {job}: see {job.parent}.log")
         time.sleep(0.2)
     (job_id,) = [p.name for p in (job.parent / ".submitit").iterdir() if re.fullmatch(r"\d+(_\d+)?", p.name)]
     return job_id
