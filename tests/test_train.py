@@ -180,4 +180,3 @@ def test_threads_follow_the_slurm_allocation(make_cfg, monkeypatch: pytest.Monke
     assert train(make_cfg("trainer.threads=null"))["threads"] == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's two processes in one SLURM task
     assert train(make_cfg("trainer.threads=null"))["threads"] == 1
-    assert train(make_cfg("trainer.threads=3"))["threads"] == 3  # trainer.threads wins
