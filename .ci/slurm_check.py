@@ -98,11 +98,11 @@ def _assert_same_run(a: Path, b: Path) -> None:
 def _wandb_exits(job: Path) -> list[tuple[bool, int]]:
     """(marked preempting, exit code) of each offline wandb run of a job, oldest first."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_sweep import _wandb_records
+    from wandb_run_file import wandb_records
 
     runs = []
     for path in sorted(job.glob("wandb/offline-run-*/run-*.wandb")):
-        records = _wandb_records(path)
+        records = wandb_records(path)
         kinds = [r.WhichOneof("record_type") for r in records]
         exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
         runs.append(("preempting" in kinds, exits[-1] if exits else None))

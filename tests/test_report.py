@@ -169,7 +169,7 @@ def test_cli_without_jobs_is_an_error(tmp_path: Path) -> None:
 
 
 def test_wandb_report_run_is_offline_in_the_sweep_group(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_sweep import _wandb_records
+    from wandb_run_file import wandb_records
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
@@ -177,7 +177,7 @@ def test_wandb_report_run_is_offline_in_the_sweep_group(sweep: Path, monkeypatch
     (wandb_file,) = sweep.glob("wandb/offline-run-*/run-*.wandb")
     deadline = time.time() + 30  # wandb-core writes the file in the background, also after finish()
     while True:
-        records = _wandb_records(wandb_file)
+        records = wandb_records(wandb_file)
         kinds = [r.WhichOneof("record_type") for r in records]
         if "exit" in kinds:
             break

@@ -261,7 +261,7 @@ def test_wandb_online_without_a_key_falls_back_to_offline(
     tracker = WandbTracker(mode="online", dir=tmp_path, config={"a": 1}, init_timeout=10)
     try:
         assert tracker.status == "offline" and tracker.enabled
-        tracker.log({"x": 1.0}, step=1)
+        tracker.log({"x": 1.0, "global_step": 1})
     finally:
         tracker.finish()
     assert time.time() - start < 60
@@ -280,7 +280,7 @@ def test_wandb_key_without_a_reachable_server_falls_back_to_offline(
     tracker = WandbTracker(mode="online", dir=tmp_path, init_timeout=5)
     try:
         assert tracker.status == "offline" and tracker.enabled
-        tracker.log({"x": 1.0}, step=1)
+        tracker.log({"x": 1.0, "global_step": 1})
     finally:
         tracker.finish()
     assert time.time() - start < 60  # bounded by init_timeout, not wandb's ~100 s of retries
@@ -291,7 +291,7 @@ def test_a_preempted_run_finishes_its_wandb_run_as_preempting_and_counts_the_att
 ) -> None:
     """SIGTERM in the middle of an epoch (a real signal to this process): the wandb run is finished,
     marked preempting, before the hand-over; the resumed run counts 2 attempts and 1 requeue."""
-    from test_sweep import _wandb_records
+    from wandb_run_file import wandb_records
 
     from xnorpp.run import Preempted
 
@@ -309,7 +309,7 @@ def test_a_preempted_run_finishes_its_wandb_run_as_preempting_and_counts_the_att
         train(cfg)
     assert stopped.value.code == REQUEUE_EXIT_CODE
     (first,) = out.glob("wandb/offline-run-*/run-*.wandb")
-    records = _wandb_records(first)
+    records = wandb_records(first)
     assert "preempting" in [r.WhichOneof("record_type") for r in records]
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [REQUEUE_EXIT_CODE]
     results = train(cfg)  # the requeued run

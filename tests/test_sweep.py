@@ -24,6 +24,7 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from wandb_run_file import RunFile
 
 from xnorpp.engine.memory import JEMALLOC_DIRS
 from xnorpp.report import ERROR_LOG, collect_runs, summarise
@@ -235,54 +236,30 @@ def test_wandb_sweep_file_makes_valid_overrides(name: str, monkeypatch: pytest.M
 
 
 # --------------------------------------------------------------------------------------------- CLI runs
-_BLOCK = 32768  # wandb's transaction log: a LevelDB-style log of protobuf records in 32 KiB blocks
-
-
-def _wandb_records(path: Path) -> list[Any]:
-    """The records of an offline run's ``run-*.wandb`` file (wandb 0.31 has no Python reader for it)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    pos, pending, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if _BLOCK - pos % _BLOCK < 7:  # block trailer too short for a header: zero padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        if pos + 7 + length > len(data):  # still being written
-            break
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 2):  # full, first
-            pending = chunk
-        elif kind in (3, 4):  # middle, last
-            pending += chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
-def test_cli_multirun_logs_one_wandb_group_and_reports(tmp_path: Path) -> None:
+def test_cli_multirun_logs_one_wandb_group_per_configuration_and_reports(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "mr"
-    out = _train("-m", "binarization=fp,full_binary", *FAST, "logger=wandb", "logger.wandb.mode=offline",
+    out = _train("-m", "binarization=fp,full_binary", "seed=0,1", *FAST, "logger=wandb", "logger.wandb.mode=offline",
                  "logger.wandb.log_model_summary=false", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
-    assert [j.name for j in jobs] == ["0", "1"]
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     runs = {}
     for job in jobs:
         assert _results(job)["epochs"] == 1
-        (wandb_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
-        records = _wandb_records(wandb_file)
-        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
-        assert exits == [0], "the run was not finished"
-        runs[run.display_name] = run
-    assert set(runs) == {"fp-rank1-s0", "full_binary-rank1-s0"}
-    assert {r.run_group for r in runs.values()} == {f"train-{sweep_dir.name}"}
-    assert "binarization:fp" in runs["fp-rank1-s0"].tags
+        (run_file,) = RunFile.of_run_dir(job)
+        assert run_file.exit_codes == [0], "the run was not finished"
+        runs[run_file.run.display_name] = run_file.run
+    assert set(runs) == {"fp-s0", "fp-s1", "full_binary-rank1-s0", "full_binary-rank1-s1"}  # fp has no scale
+    # one wandb group per configuration: the seeds of a configuration share it (wandb averages them)
+    assert runs["fp-s0"].run_group == runs["fp-s1"].run_group != runs["full_binary-rank1-s0"].run_group
+    assert runs["full_binary-rank1-s0"].run_group == runs["full_binary-rank1-s1"].run_group
+    fp_group, fb_group = runs["fp-s0"].run_group, runs["full_binary-rank1-s0"].run_group
+    assert fp_group.startswith("train/fp data.") and fb_group.startswith("train/full_binary-rank1 data.")
+    assert len(fp_group) <= 128 and "seed" not in fp_group and "trainer.kernels" not in fp_group
+    fp_tags = set(runs["fp-s0"].tags)
+    assert {"binarization:fp", f"launch:{sweep_dir.name}"} <= fp_tags
+    assert not any(t.startswith("scale:") for t in fp_tags)  # tags only name choices that apply
+    assert "scale:rank1" in runs["full_binary-rank1-s0"].tags
 
     assert report_main([str(sweep_dir)]) == 0
     rows = summarise(collect_runs([sweep_dir]))

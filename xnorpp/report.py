@@ -34,6 +34,8 @@ from typing import Any
 
 import yaml
 
+from .track.naming import NOT_CONFIG
+
 __all__ = [
     "ERROR_LOG",
     "RecordFailure",
@@ -52,13 +54,6 @@ __all__ = [
 log = logging.getLogger("xnorpp.report")
 
 ERROR_LOG = "error.log"  # written into a failed job's directory by RecordFailure
-# Keys that never make two runs different configurations: the seed (averaged over) and settings that
-# change where or how fast a run goes, not what it learns. ``sweep`` is the preset that only set up
-# Hydra's sweep. Prefix match on dots: ``logger`` also covers ``logger.wandb.mode``.
-NOT_CONFIG = (
-    "seed", "sweep", "hydra", "logger", "tags", "data.root", "data.num_workers", "trainer.threads",
-    "trainer.log_every", "trainer.checkpoint", "trainer.device", "ckpt_path",
-)  # fmt: skip
 LOG_LINES = 12
 
 try:
