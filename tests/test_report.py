@@ -24,6 +24,7 @@ from xnorpp.report import (
     summarise,
     varying_keys,
 )
+from xnorpp.track.wandb_file import read_records
 
 CHOICES = {"model": "resnet18_preact", "binarization": "real_downsample", "scale": "rank1", "data": "mnist5k",
            "optimizer": "sgd", "scheduler": "cosine_restarts", "trainer": "default", "logger": "wandb",
@@ -169,15 +170,13 @@ def test_cli_without_jobs_is_an_error(tmp_path: Path) -> None:
 
 
 def test_wandb_report_run_is_offline_in_the_sweep_group(sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from test_sweep import _wandb_records
-
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     assert main([str(sweep), "--wandb"]) == 0
     (wandb_file,) = sweep.glob("wandb/offline-run-*/run-*.wandb")
     deadline = time.time() + 30  # wandb-core writes the file in the background, also after finish()
     while True:
-        records = _wandb_records(wandb_file)
+        records = read_records(wandb_file)
         kinds = [r.WhichOneof("record_type") for r in records]
         if "exit" in kinds:
             break

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from xnorpp.engine.memory import JEMALLOC_DIRS
 from xnorpp.report import ERROR_LOG, collect_runs, summarise
 from xnorpp.report import main as report_main
+from xnorpp.track.wandb_file import read_records
 
 SWEEP = ROOT / "sweep"
 EXPERIMENT = ["experiment=seed_resnet18_imagenet", "data.root=/data/imagenet"]
@@ -228,35 +229,6 @@ def test_wandb_sweep_file_makes_valid_overrides(name: str, monkeypatch: pytest.M
 
 
 # --------------------------------------------------------------------------------------------- CLI runs
-_BLOCK = 32768  # wandb's transaction log: a LevelDB-style log of protobuf records in 32 KiB blocks
-
-
-def _wandb_records(path: Path) -> list[Any]:
-    """The records of an offline run's ``run-*.wandb`` file (wandb 0.31 has no Python reader for it)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    pos, pending, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if _BLOCK - pos % _BLOCK < 7:  # block trailer too short for a header: zero padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        if pos + 7 + length > len(data):  # still being written
-            break
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 2):  # full, first
-            pending = chunk
-        elif kind in (3, 4):  # middle, last
-            pending += chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
-
-
 def test_cli_multirun_logs_one_wandb_group_and_reports(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "mr"
     out = _train("-m", "binarization=fp,full_binary", *FAST, "logger=wandb", "logger.wandb.mode=offline",
@@ -268,7 +240,7 @@ def test_cli_multirun_logs_one_wandb_group_and_reports(tmp_path: Path) -> None:
     for job in jobs:
         assert _results(job)["epochs"] == 1
         (wandb_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
-        records = _wandb_records(wandb_file)
+        records = read_records(wandb_file)
         (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
         exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
         assert exits == [0], "the run was not finished"
