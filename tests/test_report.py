@@ -280,7 +280,7 @@ def test_reference_gap_and_what_differs_from_the_recipe(
     assert main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "| paper top-1 | gap | vs recipe |" in out
-    assert "| 57.6 | +34.40* | data mnist5k (recipe: imagenet); 3 of 63 epochs |" in out
+    assert "| 57.6 | +34.40* | data mnist5k, not imagenet; 3 of 63 epochs |" in out
     assert "| 97.00 | - | - | 97.00 | 97.00 | - | - | - |" in out
     assert "- 57.6: original project README" in out and "so the gap is no reproduction result" in out
     (row,) = [r for r in summarise(collect_runs([tmp_path])) if r.reference]

@@ -1,4 +1,4 @@
-"""Tabulate sweeps offline: ``python -m xnorpp.report PATH [PATH ...] [--baseline CONFIG]``.
+"""Tabulate sweeps offline: ``python -m xnorpp.report PATH [PATH ...] [--baseline CONFIG] [--html FILE]``.
 
 Reads every job directory under the PATHs (a directory with ``.hydra/overrides.yaml``: a multirun
 directory, a folder of several, or single runs), groups the runs by configuration (their group choices
@@ -16,6 +16,8 @@ also the launch, i.e. the PATH a run was found under) and writes
 - a plot of val top-1 per epoch, mean over seeds with the min-max band (``OUT/report.png``);
 - a "failed runs" section for jobs without a usable ``results.json``, with their overrides, the error a
   sweep preset's :class:`RecordFailure` callback saved, and the end of their log;
+- with ``--html FILE``: one self-contained HTML page with all of it plus the learning rate, throughput
+  and health curves, commands and config differences (:mod:`xnorpp.dashboard`).
 
 ``--by binarization scale`` groups by those keys only (a group choice, a command-line key, ``launch``
 or any dotted config key such as ``optimizer.lr``); ``--ignore launch`` pools the PATHs' runs. ``--wandb``
@@ -174,13 +176,13 @@ class Run:
         out = []
         data = self.lookup("data.name")
         if ref.data and data != ref.data:
-            out.append(f"data {data or '?'} (recipe: {ref.data})")
+            out.append(f"data {data or '?'}, not {ref.data}")
         epochs = self.metric("epochs")
         if ref.epochs and (epochs is None or epochs < ref.epochs):
             out.append(f"{'?' if epochs is None else int(epochs)} of {ref.epochs} epochs")
         limit = self.lookup("trainer.limit_train_batches")
         if limit not in (None, "None", "null"):
-            out.append(f"trainer.limit_train_batches={limit}")
+            out.append(f"{limit} batches per epoch")
         return out
 
 
@@ -517,7 +519,7 @@ def table_cells(rows: Sequence[Row], keys: Sequence[str],
             if baselines[i] is row:
                 cells += ["baseline", "-"]
             elif c is None:
-                cells += ["-", "- (no baseline with the same other keys)"]
+                cells += ["-", "- (no counterpart)"]
             else:
                 cells += [f"{c.diff:+.2f}", _p(c)]
         if with_ref:
@@ -552,9 +554,17 @@ def legend(
     ]
     if baselines is not None:
         tests = sum(c is not None for c in compare_rows(rows, baselines))
-        bases = list(dict.fromkeys(b.label(keys) for b in baselines if b is not None))
+        bases = list(dict.fromkeys(id(b) for b in baselines if b is not None))
+        if len(bases) == 1:
+            base = next(b for b in baselines if b is not None).label(keys)
+        else:  # one baseline row per group: say what they have in common
+            chosen = [b for b in baselines if b is not None]
+            common = [k for k in keys if len({b.config.get(k) for b in chosen}) == 1]
+            base = f"the row with {' '.join(f'{k}={chosen[0].config.get(k)}' for k in common)} and the same other keys"
+        if None in baselines:
+            base += "; no counterpart: no baseline row agrees with it on the other keys (`--ignore KEY` drops a key)"
         out.append(
-            f"Δ: mean minus the mean of the baseline ({'; '.join(bases)}); p: two-sided t-test over seeds, "
+            f"Δ: mean minus the mean of the baseline ({base}); p: two-sided t-test over seeds, "
             f"paired by seed where both ran the same seeds, else Welch's ({tests} test{'s' * (tests != 1)}, not "
             "corrected for multiple comparisons); p >= 0.05 means the seeds show no difference, not that there "
             "is none."
@@ -753,6 +763,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--out", type=Path, metavar="DIR", help="where report.md and report.png go (default: first PATH)"
     )
     parser.add_argument("--plot", type=Path, metavar="FILE", help="PNG to write (default: OUT/report.png)")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML report")
     parser.add_argument("--wandb", action="store_true", help="log table and plot to wandb (job_type report)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -783,6 +794,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     (out_dir / "report.md").write_text(text)
     print(text, end="")
     log.info("wrote %s and %s", out_dir / "report.md", image)
+    if args.html:
+        from .dashboard import write_html
+
+        log.info("wrote %s", write_html(args.html, rows, runs, keys, baselines, title=f"Report: {title}"))
     if args.wandb:
         run_dir = log_to_wandb(rows, runs, keys, image, out_dir)
         if run_dir:
