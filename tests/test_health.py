@@ -31,21 +31,21 @@ def test_flip_frozen_and_scale_match_hand_counts() -> None:
         conv.scale_factor.alpha.fill_(2.0)
     metrics = health.compute()
     c = conv.scaled_weight_source().detach()
-    assert metrics["health/layer1.0.conv1/flip"] == float(((c >= 0) != before).float().mean())
-    assert metrics["health/layer1.0.conv1/flip"] > 0.9
-    assert metrics["health/layer1.0.conv1/frozen"] == float((c.abs() > 1).float().mean()) > 0
+    assert metrics["health_layer/layer1.0.conv1/flip"] == float(((c >= 0) != before).float().mean())
+    assert metrics["health_layer/layer1.0.conv1/flip"] > 0.9
+    assert metrics["health_layer/layer1.0.conv1/frozen"] == float((c.abs() > 1).float().mean()) > 0
     assert (
-        metrics["health/layer1.0.conv1/scale_mean"] == 2.0
-        and metrics["health/layer1.0.conv1/scale_std"] == 0.0
+        metrics["health_layer/layer1.0.conv1/scale_mean"] == 2.0
+        and metrics["health_layer/layer1.0.conv1/scale_std"] == 0.0
     )
     again = health.compute()  # nothing changed since: no flips
-    assert again["health/layer1.0.conv1/flip"] == 0.0
-    n_layers = len([1 for k in metrics if k.endswith("/flip") and k != "health/flip"])
+    assert again["health_layer/layer1.0.conv1/flip"] == 0.0
+    n_layers = len([1 for k in metrics if k.startswith("health_layer/") and k.endswith("/flip")])
     assert n_layers == 19  # 16 block convs + 3 binary downsample convs
     assert (
         abs(
             metrics["health/flip"]
-            - sum(v for k, v in metrics.items() if k.endswith("/flip") and k != "health/flip") / 19
+            - sum(v for k, v in metrics.items() if k.startswith("health_layer/") and k.endswith("/flip")) / 19
         )
         < 1e-9
     )
@@ -56,13 +56,15 @@ def test_activation_window_fraction_is_captured_only_when_asked() -> None:
     health = BinarizationHealth(model, every=1)
     x = torch.randn(2, 3, 8, 8)
     model(x)
-    assert "health/layer1.0.conv1/act_in_window" not in health.compute()
+    assert "health_layer/layer1.0.conv1/act_in_window" not in health.compute()
     inputs = {}
     model.layer1[0].conv1.register_forward_pre_hook(lambda m, a: inputs.setdefault("x", a[0].detach()))
     health.capture = True
     model(x)
     metrics = health.compute()
-    assert metrics["health/layer1.0.conv1/act_in_window"] == float((inputs["x"].abs() <= 1).float().mean())
+    assert metrics["health_layer/layer1.0.conv1/act_in_window"] == float(
+        (inputs["x"].abs() <= 1).float().mean()
+    )
     health.close()
 
 
@@ -72,7 +74,7 @@ def test_weight_only_layers_report_no_activation_window_and_xnor_reports_alpha()
     assert not any(k.endswith("act_in_window") for k in metrics)
     conv = model.layer1[0].conv1
     alpha = conv.scaled_weight_source().detach().abs().mean(dim=(1, 2, 3))
-    assert metrics["health/layer1.0.conv1/scale_mean"] == float(alpha.mean())
+    assert metrics["health_layer/layer1.0.conv1/scale_mean"] == float(alpha.mean())
 
 
 def test_training_loop_logs_health_every_n_steps() -> None:
@@ -81,13 +83,13 @@ def test_training_loop_logs_health_every_n_steps() -> None:
     loader = DataLoader(data, batch_size=4)
     opt = build_optimizer(model, "sgd", lr=0.5)
     sched = build_scheduler(opt, "constant", epochs=1, updates_per_epoch=len(loader))
-    logged: list[tuple[int, dict]] = []
+    logged: list[dict] = []
     health = BinarizationHealth(model, every=3)
     train_one_epoch(
         model, loader, opt, sched, StepState(), device=torch.device("cpu"), epochs=1, log_every=100,
-        log_fn=lambda m, step: logged.append((step, m)), progress=False, health=health,
+        log_fn=logged.append, progress=False, health=health,
     )  # fmt: skip
-    health_steps = [step for step, m in logged if "health/flip" in m]
+    health_steps = [m["global_step"] for m in logged if "health/flip" in m]
     assert health_steps == [3, 6]
-    first = next(m for step, m in logged if step == 3)
+    first = next(m for m in logged if m["global_step"] == 3)
     assert 0.0 <= first["health/act_in_window"] <= 1.0 and first["health/flip"] > 0.0

@@ -131,6 +131,15 @@ def test_seeds_from_several_multirun_dirs_pool_with_ignore_launch(tmp_path: Path
     assert len(summarise(runs, ignore=["optimizer.lr", "launch"])) == 1
 
 
+def test_copies_of_a_jobs_config_inside_it_are_not_jobs(sweep: Path) -> None:
+    """The trainer's wandb run keeps ``.hydra/*.yaml`` among its files: one job, not two."""
+    copy = sweep / "0" / "wandb" / "offline-run-1" / "files" / ".hydra"
+    copy.mkdir(parents=True)
+    (copy / "overrides.yaml").write_text((sweep / "0" / ".hydra" / "overrides.yaml").read_text())
+    assert [r.path.name for r in collect_runs([sweep])] == ["0", "1", "2", "3", "4"]
+    assert [r.path.name for r in collect_runs([sweep / "0"])] == ["0"]
+
+
 def test_failed_runs_are_listed_not_fatal(sweep: Path) -> None:
     _job(sweep, 5, ["binarization=fp", "seed=9"], results="{not json")
     _job(sweep, 6, ["binarization=fp", "seed=8"], results={"epochs": 0, "best/val/top1": -1.0})

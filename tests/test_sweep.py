@@ -229,13 +229,13 @@ def test_wandb_sweep_file_makes_valid_overrides(name: str, monkeypatch: pytest.M
 
 
 # --------------------------------------------------------------------------------------------- CLI runs
-def test_cli_multirun_logs_one_wandb_group_and_reports(tmp_path: Path) -> None:
+def test_cli_multirun_logs_one_wandb_group_per_configuration_and_reports(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "mr"
-    out = _train("-m", "binarization=fp,full_binary", *FAST, "logger=wandb", "logger.wandb.mode=offline",
+    out = _train("-m", "binarization=fp,full_binary", "seed=0,1", *FAST, "logger=wandb", "logger.wandb.mode=offline",
                  "logger.wandb.log_model_summary=false", f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
-    assert [j.name for j in jobs] == ["0", "1"]
+    assert [j.name for j in jobs] == ["0", "1", "2", "3"]
     runs = {}
     for job in jobs:
         assert _results(job)["epochs"] == 1
@@ -245,9 +245,17 @@ def test_cli_multirun_logs_one_wandb_group_and_reports(tmp_path: Path) -> None:
         exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
         assert exits == [0], "the run was not finished"
         runs[run.display_name] = run
-    assert set(runs) == {"fp-rank1-s0", "full_binary-rank1-s0"}
-    assert {r.run_group for r in runs.values()} == {f"train-{sweep_dir.name}"}
-    assert "binarization:fp" in runs["fp-rank1-s0"].tags
+    assert set(runs) == {"fp-s0", "fp-s1", "full_binary-rank1-s0", "full_binary-rank1-s1"}  # fp has no scale
+    # one wandb group per configuration: the seeds of a configuration share it (wandb averages them)
+    assert runs["fp-s0"].run_group == runs["fp-s1"].run_group != runs["full_binary-rank1-s0"].run_group
+    assert runs["full_binary-rank1-s0"].run_group == runs["full_binary-rank1-s1"].run_group
+    fp_group, fb_group = runs["fp-s0"].run_group, runs["full_binary-rank1-s0"].run_group
+    assert fp_group.startswith("train/fp data.") and fb_group.startswith("train/full_binary-rank1 data.")
+    assert len(fp_group) <= 128 and "seed" not in fp_group and "trainer.kernels" not in fp_group
+    fp_tags = set(runs["fp-s0"].tags)
+    assert {"binarization:fp", f"launch:{sweep_dir.name}"} <= fp_tags
+    assert not any(t.startswith("scale:") for t in fp_tags)  # tags only name choices that apply
+    assert "scale:rank1" in runs["full_binary-rank1-s0"].tags
 
     assert report_main([str(sweep_dir)]) == 0
     rows = summarise(collect_runs([sweep_dir]))

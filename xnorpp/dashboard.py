@@ -24,7 +24,8 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .report import LAUNCH, NOT_CONFIG, Row, Run, last_error_line, legend, table_cells
+from .report import LAUNCH, Row, Run, last_error_line, legend, table_cells
+from .track.naming import NOT_CONFIG
 from .track.wandb_file import history_rows, run_files
 
 __all__ = ["Series", "line_chart", "step_series", "write_html"]

@@ -43,6 +43,7 @@ from typing import Any
 import yaml
 
 from .stats import Comparison, Summary, compare, describe
+from .track.naming import NOT_CONFIG
 
 __all__ = [
     "ERROR_LOG",
@@ -66,14 +67,6 @@ __all__ = [
 log = logging.getLogger("xnorpp.report")
 
 ERROR_LOG = "error.log"  # written into a failed job's directory by RecordFailure
-# Keys that never make two runs different configurations: the seed (averaged over) and settings that
-# change where or how fast a run goes, not what it learns. ``sweep`` is the preset that only set up
-# Hydra's sweep; ``reference`` is the paper number a preset reproduces. Prefix match on dots: ``logger``
-# also covers ``logger.wandb.mode``.
-NOT_CONFIG = (
-    "seed", "sweep", "hydra", "logger", "tags", "data.root", "data.num_workers", "trainer.threads",
-    "trainer.log_every", "trainer.health_every", "trainer.checkpoint", "trainer.device", "ckpt_path", "reference",
-)  # fmt: skip
 LAUNCH = "launch"  # the pseudo-key of the PATH a run was found under
 LOG_LINES = 12
 
@@ -287,7 +280,8 @@ def launch_labels(paths: Sequence[Path]) -> list[str]:
 
 
 def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Every job directory (one with ``.hydra/overrides.yaml``) under ``paths``, failed ones included.
+    """Every job directory (one with ``.hydra/overrides.yaml``) under ``paths``, failed ones included;
+    not the copies inside a job (its wandb run keeps ``.hydra/`` among its files).
 
     Each run's ``launch`` is the label of the first PATH it was found under (see :func:`launch_labels`).
     """
@@ -298,7 +292,8 @@ def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
         if (path / ".hydra" / "overrides.yaml").is_file():
             found.add(path)
         for job in sorted(found, key=_job_order):
-            launch.setdefault(job, label)
+            if not any(parent in found for parent in job.parents):
+                launch.setdefault(job, label)
     runs = []
     for job in launch:  # PATH order, then job order
         try:

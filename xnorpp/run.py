@@ -45,6 +45,8 @@ from .nn.int8_conv import int8_conv_calls, set_int8_conv
 from .nn.kernels import get_kernels, set_kernels
 from .nn.native import calls as native_calls
 from .track import WandbTracker, write_results
+from .track.naming import run_group, run_name, run_tags
+from .track.wandb_tracker import epoch_row_for_wandb
 
 log = logging.getLogger("xnorpp")
 
@@ -156,10 +158,6 @@ def _launcher_threads() -> int | None:
         return max(1, cores // (cores if n_jobs < 1 else min(n_jobs, cores)))
     except Exception:
         return None
-
-
-def _run_name(cfg: DictConfig) -> str:
-    return f"{cfg.binarization.name}-{cfg.scale.name}-s{cfg.seed}"
 
 
 class _Preemption:
@@ -305,23 +303,25 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     choices, overrides, sweep_dir = _hydra_choices()
     wcfg = cfg.logger.wandb
     job_type = wcfg.job_type or ("train" if cfg.train else "eval")
-    group = wcfg.group or (f"{cfg.task_name}-{Path(sweep_dir).name}" if sweep_dir else None)
-    tags = [*(f"{k}:{v}" for k, v in choices.items() if k in ("binarization", "scale", "data", "optimizer",
-            "scheduler", "model", "experiment")), *map(str, cfg.tags)]  # fmt: skip
-    if not choices:
-        tags += [f"binarization:{cfg.binarization.name}", f"scale:{cfg.scale.name}", f"data:{name}"]
+    binarization, scale = model_args["binarization"], model_args["scale"]
+    launch = Path(sweep_dir or out_dir).name
+    tag_choices = choices or {"binarization": binarization, "scale": scale, "data": name}
     resolved = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(resolved, dict)
     tracker = WandbTracker(
-        enabled=primary, mode=str(wcfg.mode), project=str(wcfg.project), entity=wcfg.entity, group=group,
-        name=wcfg.name or _run_name(cfg), tags=tags, job_type=job_type, notes=wcfg.notes, dir=out_dir,
-        config={**resolved, "choices": choices, "overrides": overrides, "model_args": model_args,
-                "model_summary": model_summary.to_dict(), "world_size": dist_info.world_size},
-        run_id=wandb_id, init_timeout=float(wcfg.init_timeout),
+        enabled=primary, mode=str(wcfg.mode), project=str(wcfg.project), entity=wcfg.entity,
+        group=wcfg.group or run_group(str(cfg.task_name), binarization, scale, overrides),
+        name=wcfg.name or run_name(binarization, scale, int(cfg.seed)), tags=run_tags(tag_choices, launch, cfg.tags),
+        job_type=job_type, notes=wcfg.notes, dir=out_dir, run_id=wandb_id, init_timeout=float(wcfg.init_timeout),
+        config={**resolved, "choices": choices, "overrides": overrides, "launch": launch, "model_args": model_args,
+                "data_augment": info.augment, "model_summary": model_summary.to_dict(),
+                "world_size": dist_info.world_size},
     )  # fmt: skip
     exit_code = 1
     try:
         tracker.define_metrics()
+        if history:  # resumed: what the interrupted process logged may never have reached its wandb file
+            tracker.log_history(history)
         if primary:
             log.info("run directory: %s", out_dir.resolve())
             log.info("model %s\n%s", model_args, model_summary.table())
@@ -342,6 +342,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "model_args": model_args,
                 "choices": choices,
                 "overrides": overrides,
+                "data_augment": info.augment,
                 "run_dir": str(out_dir.resolve()),
                 "wandb_dir": tracker.run_dir,
                 "wandb_mode": tracker.status,
@@ -351,7 +352,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
         if primary:
             write_results(out_dir / "results.json", results)
-            tracker.summary({k: v for k, v in results.items() if isinstance(v, (int, float))})
+            tracker.summary(_headline(results))
             log.info(
                 "done: val top-1 %.2f%% (best %.2f%% at epoch %d), %.0f s; results in %s",
                 results.get("val/top1", float("nan")), results.get("best/val/top1", float("nan")),
@@ -364,8 +365,29 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         exit_code = 0
         return results
     finally:
+        files = [
+            *sorted((out_dir / ".hydra").glob("*.yaml")),
+            out_dir / "results.json",
+            out_dir / "train.log",
+        ]
+        tracker.save_files(files, out_dir)
         tracker.finish(exit_code)
         barrier()
+
+
+FINAL_KEYS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")
+
+
+def _headline(results: dict[str, Any]) -> dict[str, Any]:
+    """The run summary (the runs table): ``best/*`` as the headline, final values as ``final/*`` (the
+    ``val/*`` summaries stay their best over epochs), counts, speed and sizes."""
+    out = {
+        k: v
+        for k, v in results.items()
+        if isinstance(v, (int, float)) and not k.startswith(("val/", "train/"))
+    }
+    out.update({f"final/{k}": results[k] for k in FINAL_KEYS if results.get(k) is not None})
+    return out
 
 
 def _check_compatible(ckpt: dict[str, Any], model_args: dict[str, Any], path: Path) -> None:
@@ -407,7 +429,7 @@ def _fit_or_eval(
     if not cfg.train:
         metrics = evaluate(run_model, val_loader, device=device, precision=precision,
                            channels_last=bool(tcfg.channels_last), max_steps=val_limit)  # fmt: skip
-        tracker.log(metrics)
+        tracker.log({**metrics, "epoch": 0})
         return {**metrics, "epochs": 0, "ckpt_path": str(cfg.ckpt_path)}
 
     limit = int(tcfg.limit_train_batches) if tcfg.limit_train_batches else None
@@ -442,7 +464,6 @@ def _fit_or_eval(
 
     health_every = int(tcfg.health_every or 0)
     health = BinarizationHealth(model, health_every) if health_every > 0 and tracker.enabled else None
-    histograms = tracker.histogram if tracker.enabled else None
 
     with _Preemption() as preempt:
 
@@ -459,16 +480,16 @@ def _fit_or_eval(
                 precision=precision, scaler=scaler, channels_last=bool(tcfg.channels_last),
                 grad_clip=tcfg.grad_clip, on_nonfinite=str(tcfg.on_nonfinite), log_every=int(tcfg.log_every),
                 log_fn=tracker.log if tracker.enabled else None, after_step=after_step,
-                progress=dist_info.primary, max_steps=limit, health=health, histograms=histograms,
+                progress=dist_info.primary, max_steps=limit, health=health, histogram=tracker.histogram,
             )  # fmt: skip
             if preempt.signal is not None:
                 write(f"step_{state.global_step:09d}.pt")
-                tracker.log({"preempted": 1}, step=state.global_step)
+                tracker.log({"preempted": 1, "global_step": state.global_step})
                 preempt.hand_over()  # under submitit: requeue (exits); otherwise fall through
                 raise Preempted(REQUEUE_EXIT_CODE)
             done = state.epoch + 1
             state.epoch, state.batch_in_epoch = done, 0
-            epoch_row: dict[str, float] = {"epoch": done, **last_train}
+            epoch_row: dict[str, float] = {"epoch": done, "global_step": state.global_step, **last_train}
             improved = False
             if done % int(tcfg.val_every) == 0 or done == epochs:
                 metrics = evaluate(run_model, val_loader, device=device, precision=precision,
@@ -483,7 +504,7 @@ def _fit_or_eval(
                              done, epochs, metrics["val/top1"], metrics["val/top5"], metrics["val/loss"],
                              last_train["train/loss"], last_train["train/img_per_s"])  # fmt: skip
             history.append(epoch_row)
-            tracker.log(epoch_row, step=state.global_step)
+            tracker.log(epoch_row_for_wandb(epoch_row))
             write("last.pt")
             if improved:
                 write("best.pt")

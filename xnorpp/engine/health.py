@@ -9,12 +9,15 @@ Every ``every`` steps, per binary convolution (see README "Reading the health me
   for layers with binary inputs.
 - ``scale_mean`` / ``scale_std``: mean and spread of the scale factor Gamma (learned or XNOR alpha).
 
-Means over layers are logged as ``health/<metric>``, per-layer values as ``health/<layer>/<metric>``,
-and histograms of Gamma and of the latent weights of the first and last binary layer as ``hist/...``.
+Means over layers are logged as ``health/<metric>``, per-layer values as ``health_layer/<layer>/<metric>``
+(their own section of the dashboard), and histograms of Gamma and of the latent weights of the first
+and last binary layer as ``hist/...``.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -23,6 +26,8 @@ from torch import Tensor, nn
 from ..nn import BinaryConv2d, LearnedScale, XnorScale
 
 __all__ = ["BinarizationHealth"]
+
+log = logging.getLogger(__name__)
 
 
 class BinarizationHealth:
@@ -34,6 +39,7 @@ class BinarizationHealth:
             (name, m) for name, m in model.named_modules() if isinstance(m, BinaryConv2d) and m.is_binary
         ]
         self.capture = False
+        self._failures: set[str] = set()
         self._in_window: dict[str, float] = {}
         self._prev_signs: dict[str, Tensor] = {}
         self._hooks = [
@@ -68,15 +74,33 @@ class BinarizationHealth:
             return m.scaled_weight_source().detach().abs().mean(dim=(1, 2, 3))
         return None
 
+    def measure(self, histogram: Callable[[str, Tensor], Any] | None = None) -> dict[str, Any]:
+        """:meth:`compute`, guarded: telemetry never stops training. A failure logs one warning (per
+        kind of error) and gives an empty row."""
+        try:
+            return self.compute(histogram)
+        except Exception as e:
+            key = f"{type(e).__name__}: {e}"
+            if key not in self._failures:
+                self._failures.add(key)
+                log.warning("binarization health could not be measured (%s); training continues", key)
+            self._in_window.clear()
+            return {}
+
     @torch.no_grad()
-    def compute(self, histograms: Any = None) -> dict[str, Any]:
-        """Measure now; ``histograms`` (a callable turning a tensor into a wandb histogram) is optional."""
+    def compute(self, histogram: Callable[[str, Tensor], Any] | None = None) -> dict[str, Any]:
+        """Measure now. ``histogram(key, values)``, optional, makes the logged histogram of ``values``
+        (``None``: nothing to log for that key)."""
         out: dict[str, Any] = {}
         sums: dict[str, list[float]] = {}
 
         def put(name: str, key: str, value: float) -> None:
-            out[f"health/{name}/{key}"] = value
+            out[f"health_layer/{name}/{key}"] = value
             sums.setdefault(key, []).append(value)
+
+        def put_hist(key: str, values: Tensor) -> None:
+            if histogram is not None and (h := histogram(key, values)) is not None:
+                out[key] = h
 
         binary_weight_layers = [(n, m) for n, m in self.layers if m.binarize_weights]
         for name, m in self.layers:
@@ -92,15 +116,12 @@ class BinarizationHealth:
             if gamma is not None:
                 put(name, "scale_mean", float(gamma.mean()))
                 put(name, "scale_std", float(gamma.std()) if gamma.numel() > 1 else 0.0)
-                if histograms is not None:
-                    out[f"hist/{name}/gamma"] = histograms(gamma.cpu())
+                put_hist(f"hist/{name}/gamma", gamma)
         for key, values in sums.items():
             out[f"health/{key}"] = sum(values) / len(values)
-        if histograms is not None and binary_weight_layers:
+        if binary_weight_layers:
             for name, m in {binary_weight_layers[0], binary_weight_layers[-1]}:
-                out[f"hist/{name}/latent_weight"] = histograms(
-                    m.scaled_weight_source().detach().flatten().cpu()
-                )
+                put_hist(f"hist/{name}/latent_weight", m.scaled_weight_source().detach())
         self._in_window.clear()
         return out
 

@@ -9,14 +9,16 @@ on which worker loads it or on what ran before.
 from __future__ import annotations
 
 import itertools
+import multiprocessing
 import random
+import sys
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler, Subset
 
-__all__ = ["SeededDataset", "SkipSampler", "build_loaders"]
+__all__ = ["SeededDataset", "SkipSampler", "build_loaders", "worker_context"]
 
 
 class SeededDataset(Dataset):
@@ -62,6 +64,16 @@ class SkipSampler(Sampler[int]):
         return len(self.sampler) - self.skip
 
 
+def worker_context(num_workers: int) -> Any:
+    """The multiprocessing context for DataLoader workers: the platform's own, also where another library
+    changed the default (joblib's loky workers, i.e. ``hydra/launcher=local_parallel``, make it ``loky``,
+    whose process class DataLoader cannot start: "'Process' object has no attribute 'env'")."""
+    method = multiprocessing.get_start_method(allow_none=True)
+    if num_workers == 0 or method in (None, "fork", "spawn", "forkserver"):
+        return None
+    return multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
+
+
 def build_loaders(
     train_ds: Dataset,
     val_ds: Dataset,
@@ -84,13 +96,14 @@ def build_loaders(
     dist_sampler = DistributedSampler(seeded, num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     sampler = SkipSampler(dist_sampler)
     persistent = num_workers > 0
+    context = worker_context(num_workers)
     train = DataLoader(
         seeded, batch_size=batch_size, sampler=sampler, num_workers=num_workers, pin_memory=pin_memory,
-        drop_last=drop_last, persistent_workers=False,
+        drop_last=drop_last, persistent_workers=False, multiprocessing_context=context,
     )  # fmt: skip
     val_part = val_ds if world_size == 1 else Subset(val_ds, range(rank, len(val_ds), world_size))  # type: ignore[arg-type]
     val = DataLoader(
         val_part, batch_size=eval_batch_size or batch_size, shuffle=False, num_workers=num_workers,
-        pin_memory=pin_memory, persistent_workers=persistent,
+        pin_memory=pin_memory, persistent_workers=persistent, multiprocessing_context=context,
     )  # fmt: skip
     return train, val, sampler

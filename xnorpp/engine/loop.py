@@ -91,17 +91,20 @@ def train_one_epoch(
     grad_clip: float | None = None,
     on_nonfinite: str = "error",
     log_every: int = 50,
-    log_fn: Callable[[dict[str, Any], int], None] | None = None,
+    log_fn: Callable[[dict[str, Any]], None] | None = None,
     after_step: Callable[[StepState], bool] | None = None,
     progress: bool = True,
     max_steps: int | None = None,
     health: BinarizationHealth | None = None,
-    histograms: Callable[[torch.Tensor], Any] | None = None,
+    histogram: Callable[[str, torch.Tensor], Any] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch (or until ``after_step`` returns True / ``max_steps`` batches are done).
 
     ``scheduler.step_update(global_step)`` runs before every optimizer step, so the LR is a function of
-    the global step alone (exact on resume). Returns mean loss, top-1 (percent) and images/s.
+    the global step alone (exact on resume). ``log_fn`` gets one row per step: ``global_step`` (after
+    the step), the fractional ``epoch`` and ``train/lr``; every ``log_every`` steps also the batch's
+    ``train/loss``, ``train/top1_batch`` and ``train/img_per_s`` (reading the loss waits for the device,
+    so not every step); health rows when ``health`` is due. Returns mean loss, top-1 (percent), images/s.
     """
     model.train()
     total = len(loader) + state.batch_in_epoch
@@ -129,6 +132,8 @@ def train_one_epoch(
             logits = model(images)
             loss = F.cross_entropy(logits.float(), target)
         if not torch.isfinite(loss):
+            if measure:  # no step, no measurement: the capture ends with this forward
+                health.capture = False
             if on_nonfinite == "skip":
                 state.skipped_steps += 1
                 log.warning(
@@ -157,9 +162,10 @@ def train_one_epoch(
                 nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
             optimizer.step()
 
+        health_row: dict[str, Any] = {}
         if measure:
             health.capture = False
-            log_fn(health.compute(histograms), state.global_step + 1)
+            health_row = health.measure(histogram)
         n = target.shape[0]
         batch_correct = topk_correct(logits.detach(), target, (1,))[0]
         state.loss_sum += loss.detach().double() * n
@@ -169,22 +175,18 @@ def train_one_epoch(
         state.batch_in_epoch += 1
         state.global_step += 1
         at_log_step = state.batch_in_epoch % max(1, log_every) == 0 or state.batch_in_epoch == total
+        lr = optimizer.param_groups[0]["lr"]
+        row: dict[str, Any] = {
+            "global_step": state.global_step, "epoch": state.epoch + state.batch_in_epoch / max(total, 1),
+            "train/lr": lr,
+        }  # fmt: skip
         if (progress or log_fn is not None) and at_log_step:
             ips = seen_here / max(time.perf_counter() - start, 1e-9)
-            lr = optimizer.param_groups[0]["lr"]
             top1 = 100.0 * int(batch_correct) / n
             bar.update(state.batch_in_epoch, loss.item(), top1, lr, ips)
-            if log_fn is not None:
-                metrics = {
-                    "train/loss": loss.item(),
-                    "train/top1_batch": top1,
-                    "train/lr": lr,
-                    "train/img_per_s": ips,
-                }
-                log_fn(
-                    {**metrics, "epoch": state.epoch + state.batch_in_epoch / max(total, 1)},
-                    state.global_step,
-                )
+            row.update({"train/loss": loss.item(), "train/top1_batch": top1, "train/img_per_s": ips})
+        if log_fn is not None:
+            log_fn({**row, **health_row})
         if after_step is not None and after_step(state):
             break
     elapsed = time.perf_counter() - start

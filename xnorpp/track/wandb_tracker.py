@@ -2,20 +2,62 @@
 
 Modes: ``offline`` (default: writes a run directory for a later ``wandb sync``), ``online`` (needs a key;
 falls back to offline if the server cannot be reached), ``disabled`` (writes nothing).
+
+The dashboard's layout (:meth:`WandbTracker.define_metrics`): every ``train/*`` key is plotted against
+``global_step`` (logged in every training row), every ``val/*`` and ``train_epoch/*`` key against
+``epoch``; ``val/top1``'s summary is its maximum, and ``best/val/top1`` (top-5, epoch) is the run's
+headline. Rows carry their own x-axis keys and wandb counts rows itself, so rows re-logged after a
+resume land where they belong.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch
+
 log = logging.getLogger(__name__)
 
-__all__ = ["MODES", "WandbTracker"]
+__all__ = ["HISTOGRAM_BINS", "MODES", "WandbTracker", "histogram_counts"]
 
 MODES: tuple[str, ...] = ("offline", "online", "disabled")
+HISTOGRAM_BINS = 64
+# x-axis of each family of keys (wandb's define_metric step metrics)
+STEP_METRICS: dict[str, str] = {
+    "train/*": "global_step",
+    "health/*": "global_step",
+    "health_layer/*": "global_step",
+    "hist/*": "global_step",
+    "train_epoch/*": "epoch",
+    "val/*": "epoch",
+}
+SUMMARIES: dict[str, str] = {"val/top1": "max", "val/top5": "max", "val/loss": "min"}
+
+
+def histogram_counts(values: Any, bins: int = HISTOGRAM_BINS) -> tuple[np.ndarray, np.ndarray, int]:
+    """``(counts, edges, dropped)`` of the finite values (``dropped``: how many NaN/Inf were left out).
+
+    Constant values, or a range too narrow for ``bins`` distinct float64 edges, get one bin-wide range
+    around their centre (``np.histogram`` refuses such a range: "Too many bins for data range"). Raises
+    ``ValueError`` when nothing finite is left (an empty tensor, all NaN/Inf).
+    """
+    x = torch.as_tensor(values).detach().flatten().to("cpu", torch.float64).numpy()
+    finite = x[np.isfinite(x)]
+    if finite.size == 0:
+        raise ValueError("no finite values" if x.size else "empty tensor")
+    lo, hi = float(finite.min()), float(finite.max())
+    scale = max(abs(lo), abs(hi), 1.0)
+    if hi - lo <= scale * 1e-9:  # constant, to within float64 resolution over `bins` bins
+        centre, half = (lo + hi) / 2, scale * 1e-6
+        lo, hi = centre - half, centre + half
+    counts, edges = np.histogram(finite, bins=bins, range=(lo, hi))
+    return counts, edges, int(x.size - finite.size)
 
 
 class WandbTracker:
@@ -23,7 +65,7 @@ class WandbTracker:
 
     ``enabled`` is False on non-zero ranks and for ``mode="disabled"``. A failure to start (no network,
     bad key) in online mode retries offline; a failure offline turns tracking off. Either way training
-    continues and the reason is logged.
+    continues and the reason is logged. A value wandb cannot take is dropped with one warning per key.
     """
 
     def __init__(
@@ -48,6 +90,7 @@ class WandbTracker:
         self.run: Any = None
         self.mode = mode
         self.status = "disabled"
+        self._warned: set[str] = set()
         if not enabled or mode == "disabled":
             return
         kwargs = dict(
@@ -94,16 +137,59 @@ class WandbTracker:
     def run_dir(self) -> str | None:
         return None if self.run is None else str(Path(self.run.dir).parent)
 
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning("wandb: %s (warned once for %s; training continues)", message, key)
+
     def _safe(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
         if self.run is None:
             return
         try:
             fn(*args, **kwargs)
         except Exception as e:
-            log.warning("wandb %s failed (%s: %s); training continues", what, type(e).__name__, e)
+            self._warn_once(what, f"{what} failed ({type(e).__name__}: {e})")
 
-    def log(self, metrics: dict[str, Any], step: int | None = None) -> None:
-        self._safe("log", lambda: self.run.log(metrics, step=step))
+    def log(self, metrics: dict[str, Any]) -> None:
+        """Log one row. ``None`` values are left out; if wandb refuses the row, the values that are not
+        plain numbers are dropped (one warning per key) and the numbers logged."""
+        if self.run is None:
+            return
+        row = {k: v for k, v in metrics.items() if v is not None}
+        try:
+            self.run.log(row)
+            return
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float))}
+        for key in sorted(set(row) - set(numbers)):
+            self._warn_once(key, f"cannot log {key} ({error}); dropped")
+        if numbers:
+            self._safe("log", self.run.log, numbers)
+
+    def log_history(self, rows: Iterable[dict[str, Any]]) -> None:
+        """Log per-epoch rows again (after a resume: what a killed process logged may never have
+        reached the run's file); their ``epoch`` keys put them at their place on the epoch axis."""
+        for row in rows:
+            self.log(epoch_row_for_wandb(row))
+
+    def histogram(self, key: str, values: Any) -> Any:
+        """A ``wandb.Histogram`` of ``values`` (finite ones), or ``None`` (one warning per key) when there
+        is nothing to show or wandb refuses it."""
+        if self.run is None:
+            return None
+        try:
+            import wandb
+
+            counts, edges, dropped = histogram_counts(values)
+            if dropped:
+                self._warn_once(
+                    f"{key}:nonfinite", f"{key} has {dropped} NaN/Inf values, left out of its histogram"
+                )
+            return wandb.Histogram(np_histogram=(counts.tolist(), edges.tolist()))
+        except Exception as e:
+            self._warn_once(key, f"cannot make a histogram of {key} ({type(e).__name__}: {e}); dropped")
+            return None
 
     def log_table(self, key: str, rows: list[dict[str, Any]]) -> None:
         """Log a list of same-keyed dicts as a wandb Table."""
@@ -116,25 +202,41 @@ class WandbTracker:
             columns = list(rows[0])
             self.run.log({key: wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in rows])})
 
-        self._safe("table", _do)
-
-    def histogram(self, values: Any) -> Any:
-        import wandb
-
-        return wandb.Histogram(values)
+        self._safe(key, _do)
 
     def summary(self, values: dict[str, Any]) -> None:
+        """Set run summary values (the runs table's columns)."""
         self._safe("summary", lambda: self.run.summary.update(values))
 
     def define_metrics(self) -> None:
-        """Make ``epoch`` the x-axis of val metrics and keep the best val top-1 in the summary."""
+        """One x-axis per family of keys (:data:`STEP_METRICS`) and ``val/top1``'s summary as its max."""
 
         def _do() -> None:
+            self.run.define_metric("global_step")
             self.run.define_metric("epoch")
-            self.run.define_metric("val/*", step_metric="epoch")
-            self.run.define_metric("val/top1", summary="max")
+            for pattern, step in STEP_METRICS.items():
+                self.run.define_metric(pattern, step_metric=step)
+            for key, how in SUMMARIES.items():  # a named key overrides its family: repeat the step metric
+                self.run.define_metric(key, step_metric="epoch", summary=how)
 
         self._safe("define_metric", _do)
+
+    def save_files(self, paths: Iterable[Path], base: Path) -> None:
+        """Copy files (config, results, console log) into the run's files, kept with it on sync."""
+        if self.run is None:
+            return
+        files = Path(self.run.dir)
+        for path in paths:
+            if not path.is_file():
+                continue
+
+            def _do(path: Path = path) -> None:
+                target = files / path.relative_to(base)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, target)
+                self.run.save(str(target), base_path=str(files), policy="now")
+
+            self._safe(f"save {path.name}", _do)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:
@@ -144,6 +246,12 @@ class WandbTracker:
             run.finish(exit_code=exit_code)
         except Exception as e:
             log.warning("wandb finish failed (%s: %s)", type(e).__name__, e)
+
+
+def epoch_row_for_wandb(row: dict[str, Any]) -> dict[str, Any]:
+    """A per-epoch history row with its train metrics under ``train_epoch/`` (``train/`` holds per-step
+    values: one key, one kind of value, one x-axis)."""
+    return {("train_epoch/" + k[len("train/") :] if k.startswith("train/") else k): v for k, v in row.items()}
 
 
 def _has_netrc_key() -> bool:
