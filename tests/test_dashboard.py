@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import pytest
 from browser import Browser, find_chromium
 from conftest import ROOT, TINY
 
+from xnorpp.dashboard import Series, line_chart
 from xnorpp.track.wandb_file import history_rows, run_files
 
 CHROMIUM = find_chromium()
@@ -158,3 +160,24 @@ def test_html_says_what_a_launch_did_not_record(launches: tuple[Path, Path], tmp
     assert "Not recorded: no run has per-step <code>train/lr</code>" in text
     assert "Not recorded: no run has <code>health/&lt;metric&gt;</code>" in text
     assert "<script" not in text and "http://" not in text.replace('xmlns="http://www.w3.org/2000/svg"', "")
+
+
+@pytest.mark.parametrize(
+    ("ys", "labels"),
+    [
+        ([0.0, 0.1], ["0.00", "0.02", "0.04", "0.06", "0.08", "0.10"]),
+        ([0.999, 1.001], ["0.9990", "0.9995", "1.0000", "1.0005", "1.0010"]),
+        ([50.0, 98.0], ["50", "60", "70", "80", "90", "100"]),
+    ],
+)
+def test_chart_ticks_are_round_and_tell_values_apart(ys: list[float], labels: list[str]) -> None:
+    """y labels get as many decimals as their step needs; x (epochs, steps) gets whole numbers."""
+    svg = line_chart(
+        [Series("a", "#000", [1.0, 2.0, 3.0], [ys[0], ys[1], ys[1]])], title="t", xlabel="x", ylabel="y"
+    )
+    ticks = re.findall(
+        r'<text class="tick" x="([\d.]+)" y="[\d.]+" text-anchor="(end|middle)">([^<]*)</text>', svg
+    )
+    assert [t for _, anchor, t in ticks if anchor == "end"] == labels
+    assert [t for _, anchor, t in ticks if anchor == "middle"] == ["1", "2", "3"]
+    assert svg.count('<polyline class="series"') == 1 and svg.count("<circle") == 3

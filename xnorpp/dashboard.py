@@ -58,7 +58,7 @@ class Series:
     hi: list[float] | None = None
 
 
-def _ticks(lo: float, hi: float, n: int = 5, integer: bool = False) -> tuple[list[float], list[str]]:
+def _ticks(lo: float, hi: float, n: int = 6, integer: bool = False) -> tuple[list[float], list[str]]:
     """About ``n`` round tick values (1, 2 or 5 times a power of ten apart) covering [lo, hi], and their
     labels with as many decimals as the step needs; ``integer`` keeps the step at 1 or more."""
     raw = (hi - lo) / max(n, 1)
