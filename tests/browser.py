@@ -27,9 +27,17 @@ from typing import Any
 
 __all__ = ["Browser", "find_chromium"]
 
-FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-         "--remote-debugging-pipe"]  # fmt: skip
+FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-dev-shm-usage",
+    "--remote-debugging-pipe",
+]
 
 
 def find_chromium() -> str | None:
@@ -61,8 +69,10 @@ class Browser:
         script = f'exec "$@" 3<&{to_child} 4>&{from_child} {to_child}<&- {from_child}>&-'
         self.proc = subprocess.Popen(
             ["bash", "-c", script, "chromium", executable, *FLAGS, f"--user-data-dir={self.profile.name}"],
-            pass_fds=(to_child, from_child), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-        )  # fmt: skip
+            pass_fds=(to_child, from_child),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         os.close(to_child)
         os.close(from_child)
         self._buffer = b""
@@ -121,8 +131,10 @@ class Browser:
 
     def open(self, url: str, width: int = 1200, height: int = 900) -> None:
         """Load ``url`` in a ``width`` x ``height`` viewport and wait for its load event."""
-        self.send("Emulation.setDeviceMetricsOverride",
-                  {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+        self.send(
+            "Emulation.setDeviceMetricsOverride",
+            {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False},
+        )
         self.send("Page.navigate", {"url": url})
         self.wait_for("Page.loadEventFired")
 

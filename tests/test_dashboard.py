@@ -2,8 +2,8 @@
 
 Two launches: ``before`` (fp and full_binary over seeds 0 and 1, 2 epochs, wandb offline, health every
 step) and ``after`` (fp seed 0 without wandb, and full_binary failing: data.image_size=2 is too small for
-the rank-1 scale), launched as two multiruns in one folder. The page must load from a file without console errors or network requests, draw
-its charts, and show the numbers of the run directories.
+the rank-1 scale), the latter as two multiruns in one folder. The page must load from a file without
+console errors or network requests, draw its charts, and show the numbers of the run directories.
 """
 
 from __future__ import annotations
@@ -35,23 +35,50 @@ BASE += ["trainer.checkpoint.save=false", "trainer.epochs=2"]
 
 def _run(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true", "WANDB_MODE": "offline"}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("launches")
     before, after = root / "before", root / "after"
-    out = _run("train.py", "+sweep=binarization", "binarization=fp,full_binary", "seed=0,1", *BASE,
-               "data.image_size=16", "trainer.health_every=1", "logger=wandb", "logger.wandb.mode=offline",
-               "logger.wandb.log_model_summary=false", f"hydra.sweep.dir={before}")  # fmt: skip
+    out = _run(
+        "train.py",
+        "+sweep=binarization",
+        "binarization=fp,full_binary",
+        "seed=0,1",
+        *BASE,
+        "data.image_size=16",
+        "trainer.health_every=1",
+        "logger=wandb",
+        "logger.wandb.mode=offline",
+        "logger.wandb.log_model_summary=false",
+        f"hydra.sweep.dir={before}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    out = _run("train.py", "+sweep=binarization", "binarization=fp", "seed=0", *BASE, "data.image_size=16",
-               "logger=none", f"hydra.sweep.dir={after / 'ok'}")  # fmt: skip
+    out = _run(
+        "train.py",
+        "+sweep=binarization",
+        "binarization=fp",
+        "seed=0",
+        *BASE,
+        "data.image_size=16",
+        "logger=none",
+        f"hydra.sweep.dir={after / 'ok'}",
+    )
     assert out.returncode == 0, out.stderr[-3000:]
-    out = _run("train.py", "+sweep=binarization", "binarization=full_binary", "seed=0", *BASE, "data.image_size=2",
-               "logger=none", f"hydra.sweep.dir={after / 'broken'}")  # fmt: skip
+    out = _run(
+        "train.py",
+        "+sweep=binarization",
+        "binarization=full_binary",
+        "seed=0",
+        *BASE,
+        "data.image_size=2",
+        "logger=none",
+        f"hydra.sweep.dir={after / 'broken'}",
+    )
     assert out.returncode == 1 and "too small for scale=rank1" in out.stderr, out.stderr[-3000:]
     return before, after
 
@@ -82,7 +109,8 @@ PAGE_DATA = """(() => {
       lines: [...s.querySelectorAll('polyline.series')].map(box),
       bands: s.querySelectorAll('polygon.band').length})),
     head: [...document.querySelectorAll('table.summary th')].map(t => t.textContent),
-    rows: [...document.querySelectorAll('table.summary tbody tr')].map(r => [...r.cells].map(c => c.textContent)),
+    rows: [...document.querySelectorAll('table.summary tbody tr')]
+      .map(r => [...r.cells].map(c => c.textContent)),
     missing: [...document.querySelectorAll('p.na')].map(p => p.textContent),
     text: document.body.innerText,
   };
@@ -93,8 +121,18 @@ PAGE_DATA = """(() => {
 def test_html_report_in_chromium(launches: tuple[Path, Path], tmp_path: Path) -> None:
     before, after = launches
     page = tmp_path / "report.html"
-    out = _run("-m", "xnorpp.report", str(before), str(after), "--baseline", "fp", "--html", str(page),
-               "--out", str(tmp_path))  # fmt: skip
+    out = _run(
+        "-m",
+        "xnorpp.report",
+        str(before),
+        str(after),
+        "--baseline",
+        "fp",
+        "--html",
+        str(page),
+        "--out",
+        str(tmp_path),
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     assert CHROMIUM is not None
     with Browser(CHROMIUM) as browser:

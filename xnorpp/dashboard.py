@@ -33,8 +33,20 @@ __all__ = ["Series", "line_chart", "step_series", "write_html"]
 log = logging.getLogger("xnorpp.report")
 
 # Colour-blind-safe qualitative palette (Okabe & Ito), then darker variants for more configurations.
-PALETTE = ("#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#000000", "#B8A800",
-           "#004C7A", "#9A6B00", "#006B4E", "#8A4F72")  # fmt: skip
+PALETTE = (
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#D55E00",
+    "#000000",
+    "#B8A800",
+    "#004C7A",
+    "#9A6B00",
+    "#006B4E",
+    "#8A4F72",
+)
 HEALTH = {
     "flip": "fraction of binary weights whose sign changed since the previous measurement",
     "frozen": "fraction of latent weights outside the estimator window |c| > 1 (no gradient)",
@@ -83,12 +95,19 @@ def _thin(series: Series) -> Series:
     def pick(values: list[float] | None) -> list[float] | None:
         return None if values is None else [values[i] for i in keep]
 
-    return Series(series.label, series.color, pick(series.x) or [], pick(series.y) or [], pick(series.lo),
-                  pick(series.hi))  # fmt: skip
+    return Series(
+        series.label,
+        series.color,
+        pick(series.x) or [],
+        pick(series.y) or [],
+        pick(series.lo),
+        pick(series.hi),
+    )
 
 
-def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str, width: int = 720,
-               height: int = 300) -> str:  # fmt: skip
+def line_chart(
+    series: Sequence[Series], *, title: str, xlabel: str, ylabel: str, width: int = 720, height: int = 300
+) -> str:
     """An inline SVG line chart with axes, ticks, bands and per-point tooltips (``<title>``); x (epochs,
     steps) gets whole-number ticks."""
     series = [_thin(s) for s in series if s.x]
@@ -124,26 +143,34 @@ def line_chart(series: Sequence[Series], *, title: str, xlabel: str, ylabel: str
         )
     parts.append(f'<rect class="frame" x="{left}" y="{top}" width="{w}" height="{h}"/>')
     parts.append(
-        f'<text class="axis" x="{left + w / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>'
+        f'<text class="axis" x="{left + w / 2}" y="{height - 8}" text-anchor="middle">'
+        f"{html.escape(xlabel)}</text>"
     )
-    parts.append(f'<text class="axis" transform="translate(14 {top + h / 2}) rotate(-90)" text-anchor="middle">'
-                 f"{html.escape(ylabel)}</text>")  # fmt: skip
+    parts.append(
+        f'<text class="axis" transform="translate(14 {top + h / 2}) rotate(-90)" text-anchor="middle">'
+        f"{html.escape(ylabel)}</text>"
+    )
     for s in series:
         name = html.escape(s.label)
         if s.lo is not None and s.hi is not None and len(s.x) > 1 and any(a != b for a, b in zip(s.lo, s.hi)):
             edge = [f"{px(x):.1f},{py(v):.1f}" for x, v in zip(s.x, s.hi)]
             edge += [f"{px(x):.1f},{py(v):.1f}" for x, v in zip(reversed(s.x), reversed(s.lo))]
-            parts.append(f'<polygon class="band" fill="{s.color}" points="{" ".join(edge)}"><title>{name}: '
-                         "min-max over seeds</title></polygon>")  # fmt: skip
+            parts.append(
+                f'<polygon class="band" fill="{s.color}" points="{" ".join(edge)}"><title>{name}: '
+                "min-max over seeds</title></polygon>"
+            )
         points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(s.x, s.y))
         if len(s.x) > 1:
             parts.append(
-                f'<polyline class="series" stroke="{s.color}" points="{points}"><title>{name}</title></polyline>'
+                f'<polyline class="series" stroke="{s.color}" points="{points}">'
+                f"<title>{name}</title></polyline>"
             )
         if len(s.x) <= 40:
             for x, y in zip(s.x, s.y):
-                parts.append(f'<circle class="point" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{s.color}">'
-                             f"<title>{name}: {x:g}, {y:.4g}</title></circle>")  # fmt: skip
+                parts.append(
+                    f'<circle class="point" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{s.color}">'
+                    f"<title>{name}: {x:g}, {y:.4g}</title></circle>"
+                )
     parts.append("</svg>")
     swatches = "".join(
         f'<span class="key"><i style="background:{s.color}"></i>{html.escape(s.label)}</span>' for s in series
@@ -156,8 +183,14 @@ def _aggregate(label: str, color: str, curves: Sequence[Mapping[float, float]]) 
     """Mean and min-max over the runs' curves at every x any of them has."""
     xs = sorted({x for c in curves for x in c})
     values = [[c[x] for c in curves if x in c] for x in xs]
-    return Series(label, color, xs, [statistics.fmean(v) for v in values], [min(v) for v in values],
-                  [max(v) for v in values])  # fmt: skip
+    return Series(
+        label,
+        color,
+        xs,
+        [statistics.fmean(v) for v in values],
+        [min(v) for v in values],
+        [max(v) for v in values],
+    )
 
 
 def _epoch_curve(run: Run, *keys: str) -> dict[float, float]:
@@ -200,7 +233,8 @@ th,td{border:1px solid #d0d0d0;padding:3px 7px;text-align:right;vertical-align:t
 table.summary td{white-space:nowrap}table.summary td.text{white-space:normal;max-width:18em;text-align:left}
 .scroll{overflow-x:auto}
 th{background:#f3f3f3}td.key,th.key{text-align:left}
-code,pre{font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}pre{background:#f6f6f6;padding:8px;overflow-x:auto}
+code,pre{font:12px/1.4 ui-monospace,Menlo,Consolas,monospace}
+pre{background:#f6f6f6;padding:8px;overflow-x:auto}
 .charts{display:flex;flex-wrap:wrap;gap:12px}figure{margin:0}
 svg.chart text{font:11px system-ui,sans-serif;fill:#333}svg.chart text.title{font-size:13px;font-weight:600}
 svg.chart .grid{stroke:#e6e6e6}svg.chart .frame{fill:none;stroke:#999}
@@ -290,12 +324,22 @@ def _charts_section(
     rows: Sequence[Row], keys: Sequence[str], steps: Mapping[str, dict[str, dict[float, float]]]
 ) -> str:
     labels = [row.label(keys) for row in rows]
-    val = [_aggregate(lab, _color(i), [c for r in row.runs if (c := _epoch_curve(r, "val/top1"))])
-           for i, (lab, row) in enumerate(zip(labels, rows))]  # fmt: skip
+    val = [
+        _aggregate(lab, _color(i), [c for r in row.runs if (c := _epoch_curve(r, "val/top1"))])
+        for i, (lab, row) in enumerate(zip(labels, rows))
+    ]
     out = ["<h2>Val top-1 per epoch</h2>"]
     if any(s.x for s in val):
-        out.append(line_chart(val, title="val top-1: mean over seeds, band min-max", xlabel="epoch",
-                              ylabel="val top-1 (%)", width=1000, height=380))  # fmt: skip
+        out.append(
+            line_chart(
+                val,
+                title="val top-1: mean over seeds, band min-max",
+                xlabel="epoch",
+                ylabel="val top-1 (%)",
+                width=1000,
+                height=380,
+            )
+        )
     else:
         out.append(_not_recorded("no run has a `history` with `val/top1` in its results.json"))
 
@@ -308,43 +352,80 @@ def _charts_section(
                 Series(f"{lab} (seed {first.seed})", _color(i), *_sorted(steps[str(first.path)]["train/lr"]))
             )
     if lr:
-        out.append(line_chart(lr, title="learning rate per optimizer step (one seed per configuration)",
-                              xlabel="optimizer step", ylabel="lr", width=1000))  # fmt: skip
+        out.append(
+            line_chart(
+                lr,
+                title="learning rate per optimizer step (one seed per configuration)",
+                xlabel="optimizer step",
+                ylabel="lr",
+                width=1000,
+            )
+        )
     else:
-        out.append(_not_recorded(
-            "no run has per-step `train/lr` in a wandb run file (runs with `logger=none` or wandb disabled "
-            "write none)"
-        ))  # fmt: skip
+        out.append(
+            _not_recorded(
+                "no run has per-step `train/lr` in a wandb run file (runs with `logger=none` or wandb "
+                "disabled "
+                "write none)"
+            )
+        )
 
     out.append("<h2>Throughput</h2>")
-    ips = [_aggregate(lab, _color(i), [c for r in row.runs
-                                       if (c := _epoch_curve(r, "train_epoch/img_per_s", "train/img_per_s"))])
-           for i, (lab, row) in enumerate(zip(labels, rows))]  # fmt: skip
+    ips = [
+        _aggregate(
+            lab,
+            _color(i),
+            [c for r in row.runs if (c := _epoch_curve(r, "train_epoch/img_per_s", "train/img_per_s"))],
+        )
+        for i, (lab, row) in enumerate(zip(labels, rows))
+    ]
     if any(s.x for s in ips):
-        out.append(line_chart(ips, title="training images/s per epoch (per job): mean over seeds, band min-max",
-                              xlabel="epoch", ylabel="img/s", width=1000))  # fmt: skip
+        out.append(
+            line_chart(
+                ips,
+                title="training images/s per epoch (per job): mean over seeds, band min-max",
+                xlabel="epoch",
+                ylabel="img/s",
+                width=1000,
+            )
+        )
     else:
         out.append(_not_recorded("no run has training images/s in its results.json history"))
 
     out.append("<h2>Binarization health</h2>")
-    metrics = list(dict.fromkeys([*HEALTH, *(k.split("/", 1)[1] for s in steps.values() for k in s
-                                             if k.startswith("health/"))]))  # fmt: skip
+    metrics = list(
+        dict.fromkeys(
+            [*HEALTH, *(k.split("/", 1)[1] for s in steps.values() for k in s if k.startswith("health/"))]
+        )
+    )
     charts = []
     for metric in metrics:
-        series = [_aggregate(lab, _color(i), [c for r in row.runs if (c := steps[str(r.path)].get(f"health/{metric}"))])
-                  for i, (lab, row) in enumerate(zip(labels, rows))]  # fmt: skip
+        series = [
+            _aggregate(
+                lab, _color(i), [c for r in row.runs if (c := steps[str(r.path)].get(f"health/{metric}"))]
+            )
+            for i, (lab, row) in enumerate(zip(labels, rows))
+        ]
         if any(s.x for s in series):
-            charts.append(f"<div>{line_chart(series, title=metric, xlabel='optimizer step', ylabel=metric, width=560, height=260)}"
-                          f'<p class="meta">{_inline(HEALTH.get(metric, ""))}</p></div>')  # fmt: skip
+            chart = line_chart(
+                series, title=metric, xlabel="optimizer step", ylabel=metric, width=560, height=260
+            )
+            charts.append(f'<div>{chart}<p class="meta">{_inline(HEALTH.get(metric, ""))}</p></div>')
     if charts:
-        out.append('<p class="meta">Means over the binary layers, logged every `trainer.health_every` steps; '
-                   "lines are means over seeds, bands min-max.</p>")  # fmt: skip
+        note = (
+            "Means over the binary layers, logged every `trainer.health_every` steps; lines are means over "
+            "seeds, bands min-max."
+        )
+        out.append(f'<p class="meta">{_inline(note)}</p>')
         out.append(f'<div class="charts">{"".join(charts)}</div>')
     else:
-        out.append(_not_recorded(
-            "no run has `health/<metric>` in a wandb run file (`trainer.health_every=0`, `logger=none`, or a "
-            "network without binary layers)"
-        ))  # fmt: skip
+        out.append(
+            _not_recorded(
+                "no run has `health/<metric>` in a wandb run file (`trainer.health_every=0`, `logger=none`, "
+                "or a "
+                "network without binary layers)"
+            )
+        )
     return "\n".join(out)
 
 
@@ -359,9 +440,11 @@ def _failed_html(runs: Sequence[Run]) -> str:
         return "<h2>Failed runs (0)</h2><p>None.</p>"
     out = [f"<h2>Failed runs ({len(failed)})</h2>"]
     for run in failed:
-        items = [f"<li>launch: <code>{html.escape(run.launch)}</code></li>" if run.launch else "",
-                 f"<li>command: <code>{html.escape(_command(run.overrides))}</code></li>",
-                 f"<li>{html.escape(run.problem or '')}</li>"]  # fmt: skip
+        items = [
+            f"<li>launch: <code>{html.escape(run.launch)}</code></li>" if run.launch else "",
+            f"<li>command: <code>{html.escape(_command(run.overrides))}</code></li>",
+            f"<li>{html.escape(run.problem or '')}</li>",
+        ]
         if run.error:
             items.append(f"<li>error: <code>{html.escape(last_error_line(run.error))}</code></li>")
         out.append(f"<h3><code>{html.escape(str(run.path))}</code></h3><ul>{''.join(items)}</ul>")
@@ -370,8 +453,10 @@ def _failed_html(runs: Sequence[Run]) -> str:
                 f"<details open><summary>traceback</summary><pre>{html.escape(run.error)}</pre></details>"
             )
         if run.log_tail:
-            out.append(f"<details><summary>end of the log</summary><pre>{html.escape(chr(10).join(run.log_tail))}"
-                       "</pre></details>")  # fmt: skip
+            out.append(
+                f"<details><summary>end of the log</summary><pre>{html.escape(chr(10).join(run.log_tail))}"
+                "</pre></details>"
+            )
     return "\n".join(out)
 
 
@@ -387,14 +472,19 @@ def _configs_html(rows: Sequence[Row], keys: Sequence[str]) -> str:
             + "".join(f"<td>{html.escape(f.get(k, '(absent)'))}</td>" for f in flat)
             + "</tr>"
             for k in differ
-        )  # fmt: skip
+        )
         out.append(
-            f"<p>Settings that differ between the configurations ({len(differ)} of {len(all_keys)} keys of the "
+            f"<p>Settings that differ between the configurations ({len(differ)} of {len(all_keys)} keys "
+            "of the "
             "composed config; seed, logging and paths left out):</p>"
-            + (f'<table class="diff"><thead><tr><th class="key">key</th>{head}</tr></thead><tbody>{body}</tbody>'
-               "</table>" if differ else "<p>None: the configurations differ only in what the run directories "
-               "leave out.</p>")
-        )  # fmt: skip
+            + (
+                f'<table class="diff"><thead><tr><th class="key">key</th>{head}</tr></thead>'
+                f"<tbody>{body}</tbody>"
+                "</table>"
+                if differ
+                else "<p>None: the configurations differ only in what the run directories leave out.</p>"
+            )
+        )
     for row in rows:
         runs = "".join(
             f"<li>seed {run.seed}: {_top1_text(run)} <code>{html.escape(str(run.path))}</code><br>"
@@ -414,8 +504,14 @@ def _top1_text(run: Run) -> str:
     return "-" if value is None else f"best val top-1 {value:.2f}"
 
 
-def write_html(path: str | Path, rows: Sequence[Row], runs: Sequence[Run], keys: Sequence[str],
-               baselines: Sequence[Row | None] | None = None, title: str = "Report") -> Path:  # fmt: skip
+def write_html(
+    path: str | Path,
+    rows: Sequence[Row],
+    runs: Sequence[Run],
+    keys: Sequence[str],
+    baselines: Sequence[Row | None] | None = None,
+    title: str = "Report",
+) -> Path:
     """Write the report page to ``path`` and return it."""
     steps = {str(r.path): step_series(r) for row in rows for r in row.runs}
     ok = sum(r.ok for r in runs)

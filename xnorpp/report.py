@@ -492,8 +492,9 @@ def _p(c: Comparison) -> str:
     return f"{'<0.001' if c.p < 0.001 else f'{c.p:.3f}'} ({c.test})"
 
 
-def table_cells(rows: Sequence[Row], keys: Sequence[str],
-                baselines: Sequence[Row | None] | None = None) -> tuple[list[str], list[list[str]]]:  # fmt: skip
+def table_cells(
+    rows: Sequence[Row], keys: Sequence[str], baselines: Sequence[Row | None] | None = None
+) -> tuple[list[str], list[list[str]]]:
     """Header and cells of the summary table (markdown and HTML share them)."""
     head = [*keys, "seeds", "n", "best top-1 mean", "std", "95% CI", "min", "max"]
     comparisons = compare_rows(rows, baselines) if baselines is not None else None
@@ -507,8 +508,17 @@ def table_cells(rows: Sequence[Row], keys: Sequence[str],
     for i, row in enumerate(rows):
         top1 = row.top1
         ci = "-" if top1.ci is None else f"[{top1.ci[0]:.2f}, {top1.ci[1]:.2f}]"
-        cells = [*(row.config.get(k, "-") for k in keys), ",".join("?" if s is None else str(s) for s in row.seeds),
-                 str(row.n), _fmt(top1.mean), _fmt(top1.std), ci, _fmt(top1.min), _fmt(top1.max)]  # fmt: skip
+        seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
+        cells = [
+            *(row.config.get(k, "-") for k in keys),
+            seeds,
+            str(row.n),
+            _fmt(top1.mean),
+            _fmt(top1.std),
+            ci,
+            _fmt(top1.min),
+            _fmt(top1.max),
+        ]
         if comparisons is not None and baselines is not None:
             c = comparisons[i]
             if baselines[i] is row:
@@ -520,9 +530,14 @@ def table_cells(rows: Sequence[Row], keys: Sequence[str],
         if with_ref:
             ref = row.reference
             mark = "*" if row.deviations else ""
-            cells += ["-", "-", "-"] if ref is None else [
-                f"{ref.top1:.1f}", f"{row.gap:+.2f}{mark}", "; ".join(row.deviations) or "as recipe"
-            ]  # fmt: skip
+            if ref is None:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [
+                    f"{ref.top1:.1f}",
+                    f"{row.gap:+.2f}{mark}",
+                    "; ".join(row.deviations) or "as recipe",
+                ]
         epochs = "-" if not row.epochs else "-".join(str(e) for e in sorted({row.epochs[0], row.epochs[-1]}))
         cells += [_fmt(row.top5_mean), epochs, _fmt(row.img_per_s, 0)]
         lines.append(cells)
@@ -555,20 +570,25 @@ def legend(
         else:  # one baseline row per group: say what they have in common
             chosen = [b for b in baselines if b is not None]
             common = [k for k in keys if len({b.config.get(k) for b in chosen}) == 1]
-            base = f"the row with {' '.join(f'{k}={chosen[0].config.get(k)}' for k in common)} and the same other keys"
+            same = " ".join(f"{k}={chosen[0].config.get(k)}" for k in common)
+            base = f"the row with {same} and the same other keys"
         if None in baselines:
-            base += "; no counterpart: no baseline row agrees with it on the other keys (`--ignore KEY` drops a key)"
+            base += "; no counterpart: no baseline row agrees with it on the other keys (`--ignore KEY`"
+            base += " drops a key)"
         out.append(
             f"Δ: mean minus the mean of the baseline ({base}); p: two-sided t-test over seeds, "
-            f"paired by seed where both ran the same seeds, else Welch's ({tests} test{'s' * (tests != 1)}, not "
-            "corrected for multiple comparisons); p >= 0.05 means the seeds show no difference, not that there "
-            "is none."
+            f"paired by seed where both ran the same seeds, else Welch's ({tests} test{'s' * (tests != 1)}, "
+            "not corrected for multiple comparisons); p >= 0.05 means the seeds show no difference, not that "
+            "there is none."
         )
     refs = {(r.reference.top1, r.reference.source): r for r in rows if r.reference}
     if refs:
         text = "paper top-1: the number the run's experiment preset reproduces; gap: mean minus it"
         if any(r.deviations for r in rows):
-            text += "; `*`: the runs differ from that number's recipe (vs recipe), so the gap is no reproduction result"
+            text += (
+                "; `*`: the runs differ from that number's recipe (vs recipe), so the gap is no reproduction "
+                "result"
+            )
         out.append(text + ". Sources:")
         out += [f"- {top1:.1f}: {source}" for top1, source in refs]
     return out
@@ -602,8 +622,14 @@ def last_error_line(error: str) -> str:
     return last[-1].strip() if last else "?"
 
 
-def render(rows: Sequence[Row], runs: Sequence[Run], title: str, image: str | None = None,
-           keys: Sequence[str] | None = None, baselines: Sequence[Row | None] | None = None) -> str:  # fmt: skip
+def render(
+    rows: Sequence[Row],
+    runs: Sequence[Run],
+    title: str,
+    image: str | None = None,
+    keys: Sequence[str] | None = None,
+    baselines: Sequence[Row | None] | None = None,
+) -> str:
     """The whole report: title, table and what its columns mean, plot link, failed runs."""
     keys = list(keys) if keys is not None else varying_keys(rows)
     ok = sum(r.ok for r in runs)
@@ -747,13 +773,28 @@ class RecordFailure(Callback):  # type: ignore[misc,valid-type]
 # ------------------------------------------------------------------------------------------------- cli
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xnorpp.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path,
-                        help="multirun directories (or folders of them); several: one launch each")  # fmt: skip
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        help="multirun directories (or folders of them); several: one launch each",
+    )
     parser.add_argument("--by", nargs="+", action="extend", metavar="KEY", help="group by these keys only")
-    parser.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="KEY",
-                        help="also ignore these keys when grouping (e.g. data.image_size; launch pools the PATHs)")  # fmt: skip
-    parser.add_argument("--baseline", nargs="+", action="extend", metavar="CONFIG",
-                        help="compare every configuration with this one: KEY=VALUE items or a bare value (fp)")  # fmt: skip
+    parser.add_argument(
+        "--ignore",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY",
+        help="also ignore these keys when grouping (e.g. data.image_size; launch pools the PATHs)",
+    )
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        action="extend",
+        metavar="CONFIG",
+        help="compare every configuration with this one: KEY=VALUE items or a bare value (fp)",
+    )
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="where report.md and report.png go (default: first PATH)"
     )
