@@ -277,6 +277,15 @@ def _is_setting(key: str) -> bool:
     return not any(key == s or key.startswith(s + ".") for s in skip)
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the working directory when it lies below it (shorter, and the same on a
+    laptop that got the folder by ``scp``), else as it is."""
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
 def _command(overrides: Iterable[str]) -> str:
     return " ".join(["python train.py", *(shlex.quote(str(o)) for o in overrides)])
 
@@ -295,7 +304,7 @@ def _launch_commands(runs: Sequence[Run]) -> list[tuple[str, str, str]]:
             command = _command([*(overrides.get("task") or []), *(overrides.get("hydra") or [])])
         except (OSError, yaml.YAMLError, KeyError, TypeError):
             command = "(not recorded)"
-        out.append((run.launch, str(where), command))
+        out.append((run.launch, _shown(where), command))
     return out
 
 
@@ -447,7 +456,7 @@ def _failed_html(runs: Sequence[Run]) -> str:
         ]
         if run.error:
             items.append(f"<li>error: <code>{html.escape(last_error_line(run.error))}</code></li>")
-        out.append(f"<h3><code>{html.escape(str(run.path))}</code></h3><ul>{''.join(items)}</ul>")
+        out.append(f"<h3><code>{html.escape(_shown(run.path))}</code></h3><ul>{''.join(items)}</ul>")
         if run.error:
             out.append(
                 f"<details open><summary>traceback</summary><pre>{html.escape(run.error)}</pre></details>"
@@ -487,7 +496,7 @@ def _configs_html(rows: Sequence[Row], keys: Sequence[str]) -> str:
         )
     for row in rows:
         runs = "".join(
-            f"<li>seed {run.seed}: {_top1_text(run)} <code>{html.escape(str(run.path))}</code><br>"
+            f"<li>seed {run.seed}: {_top1_text(run)} <code>{html.escape(_shown(run.path))}</code><br>"
             f"<code>{html.escape(_command(run.overrides))}</code></li>"
             for run in row.runs
         )
