@@ -14,6 +14,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,7 @@ from browser import Browser, find_chromium
 from conftest import ROOT, TINY
 
 from xnorpp.dashboard import Series, line_chart
-from xnorpp.track.wandb_file import history_rows, run_files
+from xnorpp.track.wandb_file import history_rows, read_records, run_files
 
 CHROMIUM = find_chromium()
 needs_chromium = pytest.mark.skipif(
@@ -91,6 +92,10 @@ def test_the_wandb_reader_reads_the_trainers_run_files(launches: tuple[Path, Pat
     before, _ = launches
     for job in sorted(p for p in before.iterdir() if p.is_dir()):
         (path,) = run_files(job)
+        deadline = time.monotonic() + 60  # wandb's service may finish the file just after train.py exits
+        while "exit" not in [r.WhichOneof("record_type") for r in read_records(path)]:
+            assert time.monotonic() < deadline, f"{path} has no exit record"
+            time.sleep(0.2)
         rows = history_rows(path)
         lr = [r["train/lr"] for r in rows if "train/lr" in r]
         assert len(lr) == 2 * 2 and all(0 <= v <= 0.1 for v in lr)  # 2 epochs of 2 steps, every step logged

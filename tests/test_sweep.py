@@ -24,11 +24,11 @@ from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.global_hydra import GlobalHydra
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
+from wandb_run_file import RunFile
 
 from xnorpp.engine.memory import JEMALLOC_DIRS
 from xnorpp.report import ERROR_LOG, collect_runs, summarise
 from xnorpp.report import main as report_main
-from xnorpp.track.wandb_file import read_records
 
 SWEEP = ROOT / "sweep"
 EXPERIMENT = ["experiment=seed_resnet18_imagenet", "data.root=/data/imagenet"]
@@ -239,12 +239,9 @@ def test_cli_multirun_logs_one_wandb_group_per_configuration_and_reports(tmp_pat
     runs = {}
     for job in jobs:
         assert _results(job)["epochs"] == 1
-        (wandb_file,) = job.glob("wandb/offline-run-*/run-*.wandb")
-        records = read_records(wandb_file)
-        (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-        exits = [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"]
-        assert exits == [0], "the run was not finished"
-        runs[run.display_name] = run
+        (run_file,) = RunFile.of_run_dir(job)
+        assert run_file.exit_codes == [0], "the run was not finished"
+        runs[run_file.run.display_name] = run_file.run
     assert set(runs) == {"fp-s0", "fp-s1", "full_binary-rank1-s0", "full_binary-rank1-s1"}  # fp has no scale
     # one wandb group per configuration: the seeds of a configuration share it (wandb averages them)
     assert runs["fp-s0"].run_group == runs["fp-s1"].run_group != runs["full_binary-rank1-s0"].run_group

@@ -7,6 +7,7 @@ compare with the dashboard.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,9 +51,17 @@ class RunFile:
         return out
 
     @classmethod
-    def of_run_dir(cls, run_dir: Path) -> list[RunFile]:
-        """Every wandb run file under ``<run dir>/wandb``, oldest first (one per process that logged)."""
-        return [cls.read(p) for p in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+    def of_run_dir(cls, run_dir: Path, wait_s: float = 60.0) -> list[RunFile]:
+        """Every wandb run file under ``<run dir>/wandb``, oldest first (one per process that logged).
+
+        wandb's service process writes the file and may finish it a moment after the run's process
+        returns: wait (up to ``wait_s``) until the newest file holds its exit record."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            files = [cls.read(p) for p in sorted(run_dir.glob("wandb/offline-run-*/run-*.wandb"))]
+            if (files and files[-1].exit_codes) or time.monotonic() > deadline:
+                return files
+            time.sleep(0.2)
 
     def rows_with(self, key: str) -> list[dict[str, Any]]:
         return [row for row in self.history if key in row]

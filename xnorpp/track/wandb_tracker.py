@@ -122,7 +122,11 @@ class WandbTracker:
             settings = wandb.Settings(init_timeout=timeout, silent=True, console="off")
             return wandb.init(mode=mode, settings=settings, **kwargs)
         except Exception as e:  # wandb raises many types (CommError, UsageError, timeouts)
-            log.warning("wandb.init failed (%s: %s)", type(e).__name__, e)
+            hint = (
+                " (the interrupted process's run is still open in a wandb service this process shares through "
+                "WANDB_SERVICE; that service closes it within minutes)" if "in use" in str(e) else ""
+            )  # fmt: skip
+            log.warning("wandb.init failed (%s: %s)%s", type(e).__name__, e, hint)
             return None
 
     @property
