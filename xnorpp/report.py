@@ -793,7 +793,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         nargs="+",
         action="extend",
         metavar="CONFIG",
-        help="compare every configuration with this one: KEY=VALUE items or a bare value (fp)",
+        help="compare every configuration with this one: KEY=VALUE items or a bare value (fp); "
+        "after the PATHs",
     )
     parser.add_argument(
         "--out", type=Path, metavar="DIR", help="where report.md and report.png go (default: first PATH)"
