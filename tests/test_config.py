@@ -89,6 +89,33 @@ def test_seed_experiment_matches_the_original_recipe(tmp_path: Path) -> None:
     assert xnor.trainer.epochs == 90
 
 
+# preset -> (top-1 it reproduces, where that number comes from)
+REFERENCES = {
+    "seed_resnet18_imagenet": (57.6, "original project README"),
+    "seed_resnet18_imagenet_binary_downsample": (55.8, "original project README"),
+    "xnornet_resnet18_imagenet": (51.2, "Rastegari et al., ECCV 2016 (XNOR-Net), Table 2"),
+    "bwn_resnet18_imagenet": (60.8, "Rastegari et al., ECCV 2016 (XNOR-Net), Table 2"),
+    "xnorpp_adam_resnet18_imagenet": (57.1, "Bulat & Tzimiropoulos, BMVC 2019 (XNOR-Net++)"),
+}
+
+
+def test_every_experiment_carries_the_number_it_reproduces_and_its_recipe(tmp_path: Path) -> None:
+    assert set(REFERENCES) == set(_options("experiment"))
+    assert compose_cfg([], tmp_path).reference is None
+    for preset, (top1, source) in REFERENCES.items():
+        cfg = compose_cfg([f"experiment={preset}", "data.root=/d"], tmp_path)
+        ref = cfg.reference
+        assert ref.top1 == top1 and ref.source.startswith(source), preset
+        assert (ref.data, ref.epochs) == (cfg.data.name, cfg.trainer.epochs), (
+            preset
+        )  # the preset's own recipe
+        short = compose_cfg([f"experiment={preset}", "data=mnist5k", "trainer.epochs=3"], tmp_path)
+        assert (short.reference.data, short.reference.epochs) == (
+            ref.data,
+            ref.epochs,
+        )  # not moved by overrides
+
+
 def test_wrong_option_lists_valid_choices(tmp_path: Path) -> None:
     with pytest.raises(ConfigCompositionException) as err:
         compose_cfg(["binarization=ful_binary"], tmp_path)

@@ -1,7 +1,7 @@
 """Read an offline wandb run file (``run-*.wandb``) back: what the dashboard will show after ``wandb sync``.
 
-The file is a log of 32 KiB blocks; each record has a 7-byte header (CRC32, length, type: full, first,
-middle, last) around a serialised ``wandb_internal_pb2.Record``, after a 7-byte file header.
+The records come from :func:`xnorpp.track.wandb_file.read_records`; this helper keeps what the tests
+compare with the dashboard.
 """
 
 from __future__ import annotations
@@ -12,33 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-_BLOCK = 32768
-
-
-def wandb_records(path: Path) -> list[Any]:
-    """The records of an offline run's ``run-*.wandb`` file (wandb 0.31 has no Python reader for it)."""
-    from wandb.proto import wandb_internal_pb2
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B", path
-    pos, pending, records = 7, b"", []
-    while pos + 7 <= len(data):
-        if _BLOCK - pos % _BLOCK < 7:  # block trailer too short for a header: zero padding
-            pos += _BLOCK - pos % _BLOCK
-            continue
-        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
-        if pos + 7 + length > len(data):  # still being written
-            break
-        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
-        if kind in (1, 2):  # full, first
-            pending = chunk
-        elif kind in (3, 4):  # middle, last
-            pending += chunk
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(pending)
-            records.append(record)
-    return records
+from xnorpp.track.wandb_file import read_records
 
 
 def _key(item: Any) -> str:
@@ -59,7 +33,7 @@ class RunFile:
     @classmethod
     def read(cls, path: Path) -> RunFile:
         out = cls()
-        for r in wandb_records(path):
+        for r in read_records(path):
             kind = r.WhichOneof("record_type")
             if kind == "run":
                 out.run = r.run

@@ -1,20 +1,28 @@
-"""Tabulate sweeps offline: ``python -m xnorpp.report PATH [PATH ...] [--by KEY ...] [--plot FILE] [--wandb]``.
+"""Tabulate sweeps offline: ``python -m xnorpp.report PATH [PATH ...] [--baseline CONFIG] [--html FILE]``.
 
 Reads every job directory under the PATHs (a directory with ``.hydra/overrides.yaml``: a multirun
 directory, a folder of several, or single runs), groups the runs by configuration (their group choices
-and command-line values, minus ``seed`` and settings that do not change results) and writes
+and command-line values, minus ``seed`` and settings that do not change results; with several PATHs
+also the launch, i.e. the PATH a run was found under) and writes
 
-- a markdown table, one row per configuration: mean and sample standard deviation over seeds of the
-  best val top-1, the mean best val top-5, number of seeds, epochs and training images/s
-  (``PATH/report.md``, also printed);
-- a plot of val top-1 per epoch, mean over seeds with the min-max band (``PATH/report.png``);
+- a markdown table, one row per configuration, of the best val top-1 over seeds: mean, sample standard
+  deviation, 95% confidence interval of the mean (Student t), min and max, plus the mean best val
+  top-5, seeds, epochs and training images/s (``OUT/report.md``, also printed; OUT is the first PATH
+  unless ``--out`` says otherwise); :mod:`xnorpp.stats` has the formulas;
+- with ``--baseline CONFIG`` (e.g. ``binarization=fp``): the difference of each mean to the baseline's
+  and a two-sided t-test over seeds (paired by seed where both ran the same seeds, else Welch's);
+- where the runs come from an ``experiment=`` preset: the number it reproduces (its ``reference`` node),
+  the gap to it, and what differs from the recipe behind that number (epochs, data);
+- a plot of val top-1 per epoch, mean over seeds with the min-max band (``OUT/report.png``);
 - a "failed runs" section for jobs without a usable ``results.json``, with their overrides, the error a
-  sweep preset's :class:`RecordFailure` callback saved, and the end of their log.
+  sweep preset's :class:`RecordFailure` callback saved, and the end of their log;
+- with ``--html FILE``: one self-contained HTML page with all of it plus the learning rate, throughput
+  and health curves, commands and config differences (:mod:`xnorpp.dashboard`).
 
-``--by binarization scale`` groups by those keys only (a group choice, a command-line key or any dotted
-config key such as ``optimizer.lr``). ``--wandb`` also logs the table and the plot as a wandb run with
-job_type ``report`` in the sweep's group (offline unless ``WANDB_MODE`` says otherwise). Accuracy is in
-percent.
+``--by binarization scale`` groups by those keys only (a group choice, a command-line key, ``launch``
+or any dotted config key such as ``optimizer.lr``); ``--ignore launch`` pools the PATHs' runs. ``--wandb``
+also logs the table and the plot as a wandb run with job_type ``report`` in the sweep's group (offline
+unless ``WANDB_MODE`` says otherwise). Accuracy is in percent.
 """
 
 from __future__ import annotations
@@ -34,26 +42,32 @@ from typing import Any
 
 import yaml
 
+from .stats import Comparison, Summary, compare, describe
 from .track.naming import NOT_CONFIG
 
 __all__ = [
     "ERROR_LOG",
     "RecordFailure",
+    "Reference",
     "Row",
     "Run",
     "collect_runs",
+    "compare_rows",
     "failed_section",
     "main",
     "markdown_table",
+    "pick_baselines",
     "plot",
     "render",
     "summarise",
+    "table_cells",
     "varying_keys",
 ]
 
 log = logging.getLogger("xnorpp.report")
 
 ERROR_LOG = "error.log"  # written into a failed job's directory by RecordFailure
+LAUNCH = "launch"  # the pseudo-key of the PATH a run was found under
 LOG_LINES = 12
 
 try:
@@ -75,6 +89,7 @@ class Run:
     problem: str | None = None  # why the run is not usable, e.g. "no results.json"
     error: str | None = None  # traceback saved by RecordFailure
     log_tail: list[str] = field(default_factory=list)
+    launch: str = ""  # the report PATH this run was found under (a short label)
 
     @property
     def ok(self) -> bool:
@@ -106,7 +121,9 @@ class Run:
         return self.path.parent
 
     def lookup(self, key: str) -> str | None:
-        """A group choice, else a command-line value, else the value at a dotted key of the config."""
+        """The launch, a group choice, a command-line value, or the value at a dotted key of the config."""
+        if key == LAUNCH:
+            return self.launch
         if key in self.choices:
             return self.choices[key]
         params = self.params
@@ -138,7 +155,56 @@ class Run:
 
         key = {k: str(v) for k, v in self.choices.items() if v is not None and v != "None" and keep(k)}
         key.update({k: v for k, v in self.params.items() if k not in self.choices and keep(k)})
+        if self.launch and keep(LAUNCH):
+            key[LAUNCH] = self.launch
         return dict(sorted(key.items()))
+
+    @property
+    def reference(self) -> Reference | None:
+        """The paper number the run's preset reproduces (its ``reference`` config node), if any."""
+        return Reference.from_config(self.config.get("reference"))
+
+    def deviations(self, ref: Reference) -> list[str]:
+        """How this run differs from the recipe behind ``ref``: other data, fewer epochs, capped epochs."""
+        out = []
+        data = self.lookup("data.name")
+        if ref.data and data != ref.data:
+            out.append(f"data {data or '?'}, not {ref.data}")
+        epochs = self.metric("epochs")
+        if ref.epochs and (epochs is None or epochs < ref.epochs):
+            out.append(f"{'?' if epochs is None else int(epochs)} of {ref.epochs} epochs")
+        limit = self.lookup("trainer.limit_train_batches")
+        if limit not in (None, "None", "null"):
+            out.append(f"{limit} batches per epoch")
+        return out
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A published top-1 (percent) and where it comes from; ``data`` and ``epochs`` describe its recipe.
+
+    Read from an experiment preset's ``reference`` node (``top1``, ``source``, ``data``, ``epochs``).
+    """
+
+    top1: float
+    source: str
+    data: str | None = None
+    epochs: int | None = None
+
+    @classmethod
+    def from_config(cls, node: Any) -> Reference | None:
+        """None when there is no node; a node without a numeric ``top1`` is an error naming the fix."""
+        if node is None:
+            return None
+        top1 = node.get("top1") if isinstance(node, dict) else None
+        if isinstance(top1, bool) or not isinstance(top1, (int, float)):
+            raise ValueError(
+                f"the config's reference node {node!r} has no numeric top1: give the preset "
+                "reference: {top1: <percent>, source: <paper, table>, data: <data name>, epochs: <n>}"
+            )
+        epochs = node.get("epochs")
+        return cls(float(top1), str(node.get("source") or "?"), node.get("data"),
+                   int(epochs) if epochs is not None else None)  # fmt: skip
 
 
 def _read_yaml(path: Path) -> Any:
@@ -203,19 +269,39 @@ def _job_order(job: Path) -> tuple[Any, ...]:
     return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in job.parts)
 
 
+def launch_labels(paths: Sequence[Path]) -> list[str]:
+    """Short names for the report PATHs: the fewest trailing path parts that tell them apart."""
+    resolved = [p.resolve() for p in paths]
+    for k in range(1, max((len(p.parts) for p in resolved), default=0) + 1):
+        labels = ["/".join(p.parts[-k:]) for p in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [str(p) for p in resolved]
+
+
 def collect_runs(paths: Iterable[str | Path]) -> list[Run]:
-    """Every job directory (one with ``.hydra/overrides.yaml``) under ``paths``, failed ones included."""
-    jobs: set[Path] = set()
-    for path in map(Path, paths):
+    """Every job directory (one with ``.hydra/overrides.yaml``) under ``paths``, failed ones included;
+    not the copies inside a job (its wandb run keeps ``.hydra/`` among its files).
+
+    Each run's ``launch`` is the label of the first PATH it was found under (see :func:`launch_labels`).
+    """
+    unique = list(dict.fromkeys(Path(p).resolve() for p in paths))
+    launch: dict[Path, str] = {}
+    for path, label in zip(unique, launch_labels(unique)):
+        found = {p.parent.parent.resolve() for p in path.rglob(".hydra/overrides.yaml")}
         if (path / ".hydra" / "overrides.yaml").is_file():
-            jobs.add(path.resolve())
-        jobs.update(p.parent.parent.resolve() for p in path.rglob(".hydra/overrides.yaml"))
+            found.add(path)
+        for job in sorted(found, key=_job_order):
+            if not any(parent in found for parent in job.parents):
+                launch.setdefault(job, label)
     runs = []
-    for job in sorted(jobs, key=_job_order):
+    for job in launch:  # PATH order, then job order
         try:
-            runs.append(_read_run(job))
+            run = _read_run(job)
         except Exception as e:  # anything odd in one job directory must not stop the report
-            runs.append(Run(path=job, problem=f"unreadable job directory ({type(e).__name__}: {e})"))
+            run = Run(path=job, problem=f"unreadable job directory ({type(e).__name__}: {e})")
+        run.launch = launch[job]
+        runs.append(run)
     return runs
 
 
@@ -226,11 +312,12 @@ class Row:
 
     config: dict[str, str]
     runs: list[Run]
-    top1_mean: float
-    top1_std: float | None  # sample standard deviation; None for a single run
+    top1: Summary  # best val top-1 over seeds
     top5_mean: float | None
     img_per_s: float | None
     epochs: list[int]
+    reference: Reference | None = None
+    deviations: list[str] = field(default_factory=list)  # how the runs differ from the reference's recipe
 
     @property
     def n(self) -> int:
@@ -240,8 +327,32 @@ class Row:
     def seeds(self) -> list[int | None]:
         return [r.seed for r in self.runs]
 
+    @property
+    def values(self) -> list[float]:
+        """Best val top-1 of each run, in the order of :attr:`runs`."""
+        return [_top1(r) for r in self.runs]
+
+    @property
+    def top1_mean(self) -> float:
+        return self.top1.mean
+
+    @property
+    def top1_std(self) -> float | None:
+        return self.top1.std
+
+    @property
+    def gap(self) -> float | None:
+        """Mean best val top-1 minus the reference's top-1."""
+        return None if self.reference is None else self.top1.mean - self.reference.top1
+
     def label(self, keys: Sequence[str]) -> str:
         return " ".join(f"{k}={self.config.get(k, '-')}" for k in keys) or "all runs"
+
+
+def _top1(run: Run) -> float:
+    value = run.metric("best/val/top1", "val/top1")
+    assert value is not None, "summarise() takes successful runs only"
+    return value
 
 
 def _mean(values: Iterable[float | None]) -> float | None:
@@ -249,29 +360,55 @@ def _mean(values: Iterable[float | None]) -> float | None:
     return statistics.fmean(present) if present else None
 
 
+def _row(config: dict[str, str], members: list[Run]) -> Row:
+    members = sorted(members, key=lambda r: (r.seed is None, r.seed or 0))
+    try:
+        reference = members[0].reference
+    except ValueError as e:
+        raise ValueError(f"{members[0].path / '.hydra' / 'config.yaml'}: {e}") from None
+    deviations = list(dict.fromkeys(d for r in members for d in r.deviations(reference))) if reference else []
+    return Row(
+        config=config,
+        runs=members,
+        top1=describe([_top1(r) for r in members]),
+        top5_mean=_mean(r.metric("best/val/top5", "val/top5") for r in members),
+        img_per_s=_mean(r.metric("train/img_per_s") for r in members),
+        epochs=sorted({int(e) for r in members if (e := r.metric("epochs")) is not None}),
+        reference=reference,
+        deviations=deviations,
+    )
+
+
 def summarise(runs: Iterable[Run], by: Sequence[str] | None = None, ignore: Iterable[str] = ()) -> list[Row]:
-    """Group the successful runs by configuration; rows sorted by mean best val top-1, best first."""
+    """Group the successful runs by configuration; rows sorted by mean best val top-1, best first.
+
+    When the launch is part of the key, a configuration's launches stay together (in PATH order).
+    """
     ignore = tuple(ignore)
     groups: dict[tuple[tuple[str, str], ...], list[Run]] = {}
     for run in runs:
         if run.ok:
             groups.setdefault(tuple(run.config_key(by, ignore).items()), []).append(run)
-    rows = []
-    for key, members in groups.items():
-        top1 = [r.metric("best/val/top1", "val/top1") for r in members]
-        values = [v for v in top1 if v is not None]
-        rows.append(
-            Row(
-                config=dict(key),
-                runs=sorted(members, key=lambda r: (r.seed is None, r.seed or 0)),
-                top1_mean=statistics.fmean(values),
-                top1_std=statistics.stdev(values) if len(values) > 1 else None,
-                top5_mean=_mean(r.metric("best/val/top5", "val/top5") for r in members),
-                img_per_s=_mean(r.metric("train/img_per_s") for r in members),
-                epochs=sorted({int(e) for r in members if (e := r.metric("epochs")) is not None}),
-            )
-        )
-    return sorted(rows, key=lambda r: -r.top1_mean)
+    rows = sorted((_row(dict(key), members) for key, members in groups.items()), key=lambda r: -r.top1.mean)
+    launches = list(dict.fromkeys(r.runs[0].launch for r in rows))
+    if len({row.config.get(LAUNCH) for row in rows}) < 2:
+        return rows
+
+    def rest(row: Row) -> tuple[tuple[str, str], ...]:
+        return tuple((k, v) for k, v in row.config.items() if k != LAUNCH)
+
+    best: dict[tuple[tuple[str, str], ...], float] = {}
+    for row in rows:
+        best.setdefault(rest(row), row.top1.mean)
+    order = {launch: i for i, launch in enumerate(sorted(launches, key=_launch_order(runs)))}
+    return sorted(rows, key=lambda r: (-best[rest(r)], rest(r), order[r.runs[0].launch]))
+
+
+def _launch_order(runs: Iterable[Run]) -> Any:
+    first: dict[str, int] = {}
+    for i, run in enumerate(runs):
+        first.setdefault(run.launch, i)
+    return lambda launch: first.get(launch, len(first))
 
 
 def varying_keys(rows: Sequence[Row]) -> list[str]:
@@ -280,27 +417,181 @@ def varying_keys(rows: Sequence[Row]) -> list[str]:
     for row in rows:
         keys += [k for k in row.config if k not in keys]
     varying = [k for k in keys if len({row.config.get(k) for row in rows}) > 1]
+    if LAUNCH in varying:  # the launch first: it is what a comparison of launches is about
+        varying = [LAUNCH, *(k for k in varying if k != LAUNCH)]
     if varying or not rows:
         return varying
     return [k for k in ("binarization", "scale") if k in rows[0].config] or keys[:2]
 
 
+# ------------------------------------------------------------------------------------------- baselines
+def _parse_spec(rows: Sequence[Row], spec: Sequence[str]) -> dict[str, str]:
+    """``KEY=VALUE`` items, or bare values that name exactly one key's value (``fp``)."""
+    keys = list(dict.fromkeys(k for row in rows for k in row.config))
+    wanted: dict[str, str] = {}
+    for item in spec:
+        key, eq, value = item.partition("=")
+        if not eq:
+            value = item
+            owners = [k for k in keys if any(row.config.get(k) == value for row in rows)]
+            if len(owners) != 1:
+                why = "no configuration has" if not owners else f"{', '.join(owners)} all have"
+                raise ValueError(
+                    f"--baseline {item}: {why} the value {value!r}; name the key, e.g. "
+                    f"--baseline {(owners or keys or ['KEY'])[0]}={value} (keys: {', '.join(keys)})"
+                )
+            key = owners[0]
+        elif key not in keys:
+            raise ValueError(f"--baseline {item}: no configuration key {key!r}; keys: {', '.join(keys)}")
+        elif not any(row.config.get(key) == value for row in rows):
+            values = sorted({row.config.get(key, "-") for row in rows})
+            raise ValueError(
+                f"--baseline {item}: no configuration has {key}={value}; values: {', '.join(values)}"
+            )
+        wanted[key] = value
+    return wanted
+
+
+def pick_baselines(rows: Sequence[Row], spec: Sequence[str]) -> list[Row | None]:
+    """The row each row is compared with, for ``--baseline`` items like ``binarization=fp`` or ``fp``.
+
+    If one configuration matches ``spec`` it is every row's baseline. If several do (``scale=none``
+    over several binarizations, ``launch=before`` over several configurations), each row is compared
+    with the matching row that agrees with it on every other key; None where there is none.
+    """
+    wanted = _parse_spec(rows, spec)
+    matching = [row for row in rows if all(row.config.get(k) == v for k, v in wanted.items())]
+    if not matching:
+        raise ValueError(f"--baseline {' '.join(spec)}: no configuration matches all of it")
+    if len(matching) == 1:
+        return [matching[0]] * len(rows)
+    out: list[Row | None] = []
+    for row in rows:
+        other = {k: v for k, v in row.config.items() if k not in wanted}
+        found = [m for m in matching if {k: v for k, v in m.config.items() if k not in wanted} == other]
+        out.append(found[0] if found else None)
+    return out
+
+
+def compare_rows(rows: Sequence[Row], baselines: Sequence[Row | None]) -> list[Comparison | None]:
+    """Each row against its baseline (None for the baseline itself and rows without one)."""
+    return [
+        None if base is None or base is row else compare(row.values, base.values, row.seeds, base.seeds)
+        for row, base in zip(rows, baselines)
+    ]
+
+
+# ------------------------------------------------------------------------------------------- markdown
 def _fmt(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def markdown_table(rows: Sequence[Row], keys: Sequence[str] | None = None) -> str:
+def _p(c: Comparison) -> str:
+    if c.p is None:
+        return f"- ({c.note})"
+    return f"{'<0.001' if c.p < 0.001 else f'{c.p:.3f}'} ({c.test})"
+
+
+def table_cells(
+    rows: Sequence[Row], keys: Sequence[str], baselines: Sequence[Row | None] | None = None
+) -> tuple[list[str], list[list[str]]]:
+    """Header and cells of the summary table (markdown and HTML share them)."""
+    head = [*keys, "seeds", "n", "best top-1 mean", "std", "95% CI", "min", "max"]
+    comparisons = compare_rows(rows, baselines) if baselines is not None else None
+    if comparisons is not None:
+        head += ["Δ vs baseline", "p (test)"]
+    with_ref = any(row.reference for row in rows)
+    if with_ref:
+        head += ["paper top-1", "gap", "vs recipe"]
+    head += ["best top-5 mean", "epochs", "img/s"]
+    lines = []
+    for i, row in enumerate(rows):
+        top1 = row.top1
+        ci = "-" if top1.ci is None else f"[{top1.ci[0]:.2f}, {top1.ci[1]:.2f}]"
+        seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
+        cells = [
+            *(row.config.get(k, "-") for k in keys),
+            seeds,
+            str(row.n),
+            _fmt(top1.mean),
+            _fmt(top1.std),
+            ci,
+            _fmt(top1.min),
+            _fmt(top1.max),
+        ]
+        if comparisons is not None and baselines is not None:
+            c = comparisons[i]
+            if baselines[i] is row:
+                cells += ["baseline", "-"]
+            elif c is None:
+                cells += ["-", "- (no counterpart)"]
+            else:
+                cells += [f"{c.diff:+.2f}", _p(c)]
+        if with_ref:
+            ref = row.reference
+            mark = "*" if row.deviations else ""
+            if ref is None:
+                cells += ["-", "-", "-"]
+            else:
+                cells += [
+                    f"{ref.top1:.1f}",
+                    f"{row.gap:+.2f}{mark}",
+                    "; ".join(row.deviations) or "as recipe",
+                ]
+        epochs = "-" if not row.epochs else "-".join(str(e) for e in sorted({row.epochs[0], row.epochs[-1]}))
+        cells += [_fmt(row.top5_mean), epochs, _fmt(row.img_per_s, 0)]
+        lines.append(cells)
+    return head, lines
+
+
+def markdown_table(rows: Sequence[Row], keys: Sequence[str] | None = None,
+                   baselines: Sequence[Row | None] | None = None) -> str:  # fmt: skip
     """One line per configuration; ``keys`` are its label columns (default: the ones that vary)."""
     keys = list(keys) if keys is not None else varying_keys(rows)
-    head = [*keys, "seeds", "n", "best top-1 mean", "best top-1 std", "best top-5 mean", "epochs", "img/s"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
-    for row in rows:
-        epochs = "-" if not row.epochs else "-".join(str(e) for e in sorted({row.epochs[0], row.epochs[-1]}))
-        seeds = ",".join("?" if s is None else str(s) for s in row.seeds)
-        cells = [*(row.config.get(k, "-") for k in keys), seeds, str(row.n), _fmt(row.top1_mean),
-                 _fmt(row.top1_std), _fmt(row.top5_mean), epochs, _fmt(row.img_per_s, 0)]  # fmt: skip
-        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
-    return "\n".join(lines)
+    head, lines = table_cells(rows, keys, baselines)
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    out += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in lines]
+    return "\n".join(out)
+
+
+def legend(
+    rows: Sequence[Row], keys: Sequence[str], baselines: Sequence[Row | None] | None = None
+) -> list[str]:
+    """The sentences that say what the table's columns mean (and the sources of paper numbers)."""
+    out = [
+        "Best val top-1 in percent over seeds: mean, sample standard deviation, 95% confidence interval of "
+        "the mean (Student t), min and max; `-` where one seed gives no spread."
+    ]
+    if baselines is not None:
+        tests = sum(c is not None for c in compare_rows(rows, baselines))
+        bases = list(dict.fromkeys(id(b) for b in baselines if b is not None))
+        if len(bases) == 1:
+            base = next(b for b in baselines if b is not None).label(keys)
+        else:  # one baseline row per group: say what they have in common
+            chosen = [b for b in baselines if b is not None]
+            common = [k for k in keys if len({b.config.get(k) for b in chosen}) == 1]
+            same = " ".join(f"{k}={chosen[0].config.get(k)}" for k in common)
+            base = f"the row with {same} and the same other keys"
+        if None in baselines:
+            base += "; no counterpart: no baseline row agrees with it on the other keys (`--ignore KEY`"
+            base += " drops a key)"
+        out.append(
+            f"Δ: mean minus the mean of the baseline ({base}); p: two-sided t-test over seeds, "
+            f"paired by seed where both ran the same seeds, else Welch's ({tests} test{'s' * (tests != 1)}, "
+            "not corrected for multiple comparisons); p >= 0.05 means the seeds show no difference, not that "
+            "there is none."
+        )
+    refs = {(r.reference.top1, r.reference.source): r for r in rows if r.reference}
+    if refs:
+        text = "paper top-1: the number the run's experiment preset reproduces; gap: mean minus it"
+        if any(r.deviations for r in rows):
+            text += (
+                "; `*`: the runs differ from that number's recipe (vs recipe), so the gap is no reproduction "
+                "result"
+            )
+        out.append(text + ". Sources:")
+        out += [f"- {top1:.1f}: {source}" for top1, source in refs]
+    return out
 
 
 def failed_section(runs: Iterable[Run]) -> str:
@@ -314,8 +605,7 @@ def failed_section(runs: Iterable[Run]) -> str:
             f"### `{run.path}`\n\n- overrides: `{' '.join(run.overrides) or '(none)'}`\n- {run.problem}"
         )
         if run.error:
-            last = [line for line in run.error.splitlines() if line.strip()]
-            parts[-1] += f"\n- error: `{last[-1].strip() if last else '?'}`"
+            parts[-1] += f"\n- error: `{last_error_line(run.error)}`"
             parts.append(
                 "Traceback (end):\n\n```text\n" + "\n".join(run.error.splitlines()[-LOG_LINES:]) + "\n```"
             )
@@ -326,16 +616,30 @@ def failed_section(runs: Iterable[Run]) -> str:
     return "\n\n".join(parts)
 
 
-def render(rows: Sequence[Row], runs: Sequence[Run], title: str, image: str | None = None,
-           keys: Sequence[str] | None = None) -> str:  # fmt: skip
-    """The whole report: title, table, plot link, failed runs."""
+def last_error_line(error: str) -> str:
+    """The exception line of a traceback (its last non-empty line)."""
+    last = [line for line in error.splitlines() if line.strip()]
+    return last[-1].strip() if last else "?"
+
+
+def render(
+    rows: Sequence[Row],
+    runs: Sequence[Run],
+    title: str,
+    image: str | None = None,
+    keys: Sequence[str] | None = None,
+    baselines: Sequence[Row | None] | None = None,
+) -> str:
+    """The whole report: title, table and what its columns mean, plot link, failed runs."""
+    keys = list(keys) if keys is not None else varying_keys(rows)
     ok = sum(r.ok for r in runs)
     parts = [
         f"# {title}",
-        f"{ok} finished runs in {len(rows)} configurations, {len(runs) - ok} failed. Accuracy in percent; "
-        "std is the sample standard deviation over seeds (- for one seed).",
-        markdown_table(rows, keys) if rows else "(no finished runs)",
+        f"{ok} finished runs in {len(rows)} configurations, {len(runs) - ok} failed.",
+        markdown_table(rows, keys, baselines) if rows else "(no finished runs)",
     ]
+    if rows:
+        parts.append("\n\n".join(legend(rows, keys, baselines)))
     if image:
         parts.append(f"![val top-1 per epoch]({image})")
     section = failed_section(runs)
@@ -469,11 +773,34 @@ class RecordFailure(Callback):  # type: ignore[misc,valid-type]
 # ------------------------------------------------------------------------------------------------- cli
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m xnorpp.report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("paths", nargs="+", type=Path, help="multirun directories (or folders of them)")
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        help="multirun directories (or folders of them); several: one launch each",
+    )
     parser.add_argument("--by", nargs="+", action="extend", metavar="KEY", help="group by these keys only")
-    parser.add_argument("--ignore", nargs="+", action="extend", default=[], metavar="KEY",
-                        help="also ignore these keys when grouping (e.g. data.image_size)")  # fmt: skip
-    parser.add_argument("--plot", type=Path, metavar="FILE", help="PNG to write (default: PATH/report.png)")
+    parser.add_argument(
+        "--ignore",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="KEY",
+        help="also ignore these keys when grouping (e.g. data.image_size; launch pools the PATHs)",
+    )
+    parser.add_argument(
+        "--baseline",
+        nargs="+",
+        action="extend",
+        metavar="CONFIG",
+        help="compare every configuration with this one: KEY=VALUE items or a bare value (fp); "
+        "after the PATHs",
+    )
+    parser.add_argument(
+        "--out", type=Path, metavar="DIR", help="where report.md and report.png go (default: first PATH)"
+    )
+    parser.add_argument("--plot", type=Path, metavar="FILE", help="PNG to write (default: OUT/report.png)")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="also write a self-contained HTML report")
     parser.add_argument("--wandb", action="store_true", help="log table and plot to wandb (job_type report)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -486,18 +813,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(
             f"no job directories (with .hydra/overrides.yaml) under {', '.join(map(str, args.paths))}"
         )
-    out_dir = args.paths[0]
-    rows = summarise(runs, args.by, args.ignore)
+    out_dir = args.out or args.paths[0]
+    try:
+        rows = summarise(runs, args.by, args.ignore)
+        baselines = pick_baselines(rows, args.baseline) if args.baseline and rows else None
+    except ValueError as e:
+        parser.error(str(e))
     keys = list(args.by) if args.by else varying_keys(rows)
+    title = ", ".join(map(str, args.paths))
+    out_dir.mkdir(parents=True, exist_ok=True)
     image = plot(rows, args.plot or out_dir / "report.png", keys, title=", ".join(p.name for p in args.paths))
     try:
         link = os.path.relpath(image, out_dir)
     except ValueError:  # another drive (Windows)
         link = str(image)
-    text = render(rows, runs, f"Report: {', '.join(map(str, args.paths))}", link, keys)
+    text = render(rows, runs, f"Report: {title}", link, keys, baselines)
     (out_dir / "report.md").write_text(text)
     print(text, end="")
     log.info("wrote %s and %s", out_dir / "report.md", image)
+    if args.html:
+        from .dashboard import write_html
+
+        log.info("wrote %s", write_html(args.html, rows, runs, keys, baselines, title=f"Report: {title}"))
     if args.wandb:
         run_dir = log_to_wandb(rows, runs, keys, image, out_dir)
         if run_dir:

@@ -23,12 +23,12 @@ __all__ = [
 
 # Keys that never make two runs different configurations: the seed (averaged over) and settings that
 # change where or how fast a run goes, not what it learns (the speed switches give bit-identical
-# results). ``sweep`` is the preset that only set up Hydra's sweep. Prefix match on dots: ``logger``
-# also covers ``logger.wandb.mode``.
+# results). ``sweep`` is the preset that only set up Hydra's sweep; ``reference`` is the published number
+# an experiment preset reproduces. Prefix match on dots: ``logger`` also covers ``logger.wandb.mode``.
 NOT_CONFIG = (
     "seed", "sweep", "hydra", "logger", "tags", "data.root", "data.num_workers", "trainer.threads",
     "trainer.log_every", "trainer.health_every", "trainer.checkpoint", "trainer.device", "trainer.kernels",
-    "trainer.int8_conv", "trainer.malloc", "ckpt_path",
+    "trainer.int8_conv", "trainer.malloc", "ckpt_path", "reference",
 )  # fmt: skip
 GROUP_MAX = 128  # wandb's limit on a group name
 TAG_GROUPS = ("binarization", "scale", "data", "optimizer", "scheduler", "model", "experiment")
