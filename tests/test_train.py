@@ -180,3 +180,24 @@ def test_threads_follow_the_slurm_allocation(make_cfg, monkeypatch: pytest.Monke
     assert train(make_cfg("trainer.threads=null"))["threads"] == 2
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # torchrun's two processes in one SLURM task
     assert train(make_cfg("trainer.threads=null"))["threads"] == 1
+
+
+@pytest.mark.parametrize(("extra", "lr"), [([], 0.1 * 8 / 256), (["optimizer=adam"], 1e-3 * (8 / 256) ** 0.5),
+                                           (["optimizer.lr_base_size=null"], 0.1), (["optimizer.lr_base_size=8"], 0.1)])  # fmt: skip
+def test_learning_rates_are_given_for_a_batch_of_256_and_scaled_to_the_run(
+    make_cfg, extra: list[str], lr: float
+) -> None:
+    """SGD scales linearly with the global batch, adaptive optimizers by its square root (TINY: batch 8)."""
+    results = train(make_cfg(*extra))
+    assert results["lr"] == pytest.approx(lr) and results["lr_scale"] == pytest.approx(
+        lr / (1e-3 if extra[:1] == ["optimizer=adam"] else 0.1)
+    )
+
+
+def test_lr_factor_rules() -> None:
+    from xnorpp.engine import lr_factor
+
+    assert lr_factor(64, 256) == 0.25 and lr_factor(1024, 256, "sqrt") == 2.0 and lr_factor(64, None) == 1.0
+    assert lr_factor(64, 256, "none") == 1.0
+    with pytest.raises(ValueError, match="valid choices: linear, sqrt, none"):
+        lr_factor(64, 256, "cubic")

@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import models as _models  # noqa: F401  (registers the binary ResNets with timm)
 from .data import DATASETS, build_datasets
-from .engine import StepState, build_optimizer, build_scheduler, evaluate, train_one_epoch
+from .engine import StepState, build_optimizer, build_scheduler, evaluate, lr_factor, train_one_epoch
 from .engine.checkpoint import (
     CheckpointError,
     capture_rng,
@@ -124,6 +124,25 @@ def _check_scale_fits(model_args: dict[str, Any]) -> None:
             f"data.image_size={model_args['input_size']} is too small for scale={model_args['scale']} with "
             f"stem={model_args['stem']}: below {min_size} px every stage after the first is 1x1, where a spatial Gamma is just a per-channel one; use image_size >= {min_size} or scale=channel"
         )
+
+
+def _scale_learning_rates(opt_cfg: dict[str, Any], sched_cfg: dict[str, Any], global_batch: int) -> float:
+    """Scale ``optimizer.lr`` (and the schedule's ``min_lr``/``warmup_lr``), given for a global batch of
+    ``optimizer.lr_base_size``, to this run's global batch by ``optimizer.lr_base_scale``; in place.
+    Returns the factor (1: the rates as given)."""
+    base, rule = opt_cfg.pop("lr_base_size", None), str(opt_cfg.pop("lr_base_scale", "linear"))
+    factor = lr_factor(global_batch, base, rule)
+    if factor != 1.0:
+        log.info(
+            "optimizer.lr %g is for a global batch of %s; %s scaling gives %g for this run's %d "
+            "(optimizer.lr_base_size=null uses it as given)", opt_cfg["lr"], base, rule, opt_cfg["lr"] * factor,
+            global_batch,
+        )  # fmt: skip
+    opt_cfg["lr"] = float(opt_cfg["lr"]) * factor
+    for key in ("min_lr", "warmup_lr"):
+        if key in sched_cfg:
+            sched_cfg[key] = float(sched_cfg[key]) * factor
+    return factor
 
 
 # ---------------------------------------------------------------------------------------------- set-up
@@ -232,13 +251,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"{loader_cfg['batch_size']} per process: lower data.batch_size"
         )
     opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
-    assert isinstance(opt_cfg, dict)
+    sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
+    assert isinstance(opt_cfg, dict) and isinstance(sched_cfg, dict)
+    lr_scale = _scale_learning_rates(opt_cfg, sched_cfg, int(loader_cfg["batch_size"]) * dist_info.world_size)
     optimizer = build_optimizer(model, **opt_cfg)
     epochs = int(cfg.trainer.epochs)
     limit = cfg.trainer.limit_train_batches
     updates_per_epoch = min(len(train_loader), int(limit)) if limit else len(train_loader)
-    sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
-    assert isinstance(sched_cfg, dict)
     scheduler = build_scheduler(optimizer, epochs=epochs, updates_per_epoch=updates_per_epoch, **sched_cfg)
     precision = str(cfg.trainer.precision)
     if precision != "32" and device.type == "cpu":
@@ -330,6 +349,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "choices": choices,
                 "overrides": overrides,
                 "data_augment": info.augment,
+                "lr": optimizer.defaults["lr"],  # optimizer.lr scaled to the global batch
+                "lr_scale": lr_scale,
                 "run_dir": str(out_dir.resolve()),
                 "wandb_dir": tracker.run_dir,
                 "wandb_mode": tracker.status,

@@ -16,10 +16,38 @@ from torch import nn
 
 from ..nn import BinaryConv2d, ScaleFactor
 
-__all__ = ["OPTIMIZERS", "SCHEDULERS", "build_optimizer", "build_scheduler", "param_groups"]
+__all__ = [
+    "LR_SCALES",
+    "OPTIMIZERS",
+    "SCHEDULERS",
+    "build_optimizer",
+    "build_scheduler",
+    "lr_factor",
+    "param_groups",
+]
 
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
 SCHEDULERS: tuple[str, ...] = ("cosine_restarts", "cosine", "step", "multistep", "constant")
+LR_SCALES: tuple[str, ...] = ("linear", "sqrt", "none")
+
+
+def lr_factor(batch_size: int, base_size: int | None, rule: str = "linear") -> float:
+    """What a learning rate given for a global batch of ``base_size`` is multiplied by for ``batch_size``.
+
+    ``linear``: ``batch_size / base_size`` (Goyal et al. 2017, "Accurate, large minibatch SGD"), for SGD;
+    ``sqrt``: its square root, for adaptive optimizers (Adam's step does not grow with the gradient's
+    size); ``none`` or ``base_size=None``: 1.
+    """
+    if rule not in LR_SCALES:
+        raise ValueError(f"unknown optimizer.lr_base_scale {rule!r}; valid choices: {', '.join(LR_SCALES)}")
+    if base_size is None or rule == "none":
+        return 1.0
+    if int(base_size) < 1 or int(batch_size) < 1:
+        raise ValueError(
+            f"batch sizes must be positive, got batch {batch_size} and optimizer.lr_base_size {base_size}"
+        )
+    ratio = int(batch_size) / int(base_size)
+    return ratio if rule == "linear" else ratio**0.5
 
 
 def param_groups(
