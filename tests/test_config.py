@@ -96,6 +96,7 @@ REFERENCES = {
     "xnornet_resnet18_imagenet": (51.2, "Rastegari et al., ECCV 2016 (XNOR-Net), Table 2"),
     "bwn_resnet18_imagenet": (60.8, "Rastegari et al., ECCV 2016 (XNOR-Net), Table 2"),
     "xnorpp_adam_resnet18_imagenet": (57.1, "Bulat & Tzimiropoulos, BMVC 2019 (XNOR-Net++)"),
+    "xnorpp_resnet18_cifar10": (91.5, "Qin et al., CVPR 2020 (IR-Net)"),
 }
 
 

@@ -356,7 +356,8 @@ def test_wandb_report_run_is_offline_in_the_sweep_group(sweep: Path, monkeypatch
         assert time.time() < deadline, kinds
         time.sleep(0.1)
     (run,) = [r.run for r in records if r.WhichOneof("record_type") == "run"]
-    assert run.job_type == "report" and run.run_group == f"sweep_binarization-{sweep.name}"
+    assert run.job_type == "report" and run.run_group == "sweep_binarization/report"
+    assert f"launch:{sweep.name}" in run.tags
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [0]
     assert len(collect_runs([sweep])) == 5  # the report's own wandb files are not a job
 

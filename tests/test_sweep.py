@@ -367,3 +367,22 @@ def test_submitit_requeue_resumes_from_the_newest_checkpoint(tmp_path: Path) -> 
     assert "Requeued job" in log and "resumed from" in log
     results = _results(sweep_dir / "0")
     assert results["epochs"] == 2 and results["global_step"] == 12
+
+
+def test_joblib_jobs_read_an_image_folder_with_worker_processes(tmp_path: Path) -> None:
+    """DataLoader workers inside joblib's loky workers (whose start method DataLoader cannot use)."""
+    from PIL import Image
+
+    for k in range(2):
+        (tmp_path / "imgs" / f"c{k}").mkdir(parents=True)
+        for i in range(8):
+            Image.new("RGB", (20, 24), (40 + 150 * k, 9 * i, 60)).save(
+                tmp_path / "imgs" / f"c{k}" / f"{i}.png"
+            )
+    sweep_dir = tmp_path / "folder"
+    out = _train("-m", "hydra/launcher=local_parallel", "data=imagefolder", f"data.root={tmp_path / 'imgs'}",
+                 "data.image_size=32", "data.num_workers=2", "data.batch_size=4", "data.val_fraction=0.25",
+                 "binarization=fp,full_binary", "trainer.epochs=1", "trainer.kernels=eager", "logger=none",
+                 f"hydra.sweep.dir={sweep_dir}")  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert [_results(sweep_dir / j)["global_step"] for j in ("0", "1")] == [3, 3]

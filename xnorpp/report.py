@@ -699,9 +699,10 @@ def plot(rows: Sequence[Row], path: str | Path, keys: Sequence[str] | None = Non
 
 # ------------------------------------------------------------------------------------------------ wandb
 def wandb_group(run: Run) -> str:
-    """The group run.py gave the sweep's jobs: ``logger.wandb.group`` or ``<task_name>-<sweep dir name>``."""
+    """The report run's wandb group: ``logger.wandb.group`` if the sweep set one, else ``<task_name>/report``
+    (the jobs' groups are one per configuration, ``<task_name>/<configuration>``)."""
     wandb_cfg = (run.config.get("logger") or {}).get("wandb") or {}
-    return str(wandb_cfg.get("group") or f"{run.config.get('task_name', 'train')}-{run.sweep_dir.name}")
+    return str(wandb_cfg.get("group") or f"{run.config.get('task_name', 'train')}/report")
 
 
 def log_to_wandb(rows: Sequence[Row], runs: Sequence[Run], keys: Sequence[str], image: Path | None,
@@ -715,11 +716,13 @@ def log_to_wandb(rows: Sequence[Row], runs: Sequence[Run], keys: Sequence[str], 
         env_mode = os.environ.get("WANDB_MODE", "offline")
         mode = {"dryrun": "offline", "run": "online"}.get(env_mode, env_mode)
         group = wandb_group(runs[0]) if runs else None
+        launches = sorted({r.sweep_dir.name for r in runs})
         tracker = WandbTracker(
             mode=mode if mode in ("offline", "online", "disabled") else "offline",
             project=str(wandb_cfg.get("project") or "xnorpp"), entity=wandb_cfg.get("entity"), group=group,
-            name=f"report-{group}" if group else "report", job_type="report", dir=out_dir,
-            tags=["report"], config={"paths": sorted({str(r.sweep_dir) for r in runs}), "keys": list(keys)},
+            name=f"report-{'+'.join(launches)}" if launches else "report", job_type="report", dir=out_dir,
+            tags=["report", *(f"launch:{launch}" for launch in launches)],
+            config={"paths": sorted({str(r.sweep_dir) for r in runs}), "keys": list(keys)},
         )  # fmt: skip
         tracker.log_table(
             "report/table",
