@@ -291,9 +291,8 @@ def test_a_preempted_run_finishes_its_wandb_run_as_preempting_and_counts_the_att
 ) -> None:
     """SIGTERM in the middle of an epoch (a real signal to this process): the wandb run is finished,
     marked preempting, before the hand-over; the resumed run counts 2 attempts and 1 requeue."""
-    from wandb_run_file import wandb_records
-
     from xnorpp.run import Preempted
+    from xnorpp.track.wandb_file import read_records
 
     out = tmp_path / "run"
     cfg = make_cfg("logger=wandb", "logger.wandb.mode=offline", "logger.wandb.log_model_summary=false",
@@ -309,7 +308,12 @@ def test_a_preempted_run_finishes_its_wandb_run_as_preempting_and_counts_the_att
         train(cfg)
     assert stopped.value.code == REQUEUE_EXIT_CODE
     (first,) = out.glob("wandb/offline-run-*/run-*.wandb")
-    records = wandb_records(first)
+    deadline = time.time() + 60  # wandb's service process finishes writing the file after the run returns
+    records = read_records(first)
+    while "exit" not in [r.WhichOneof("record_type") for r in records]:
+        assert time.time() < deadline, "the wandb run was not finished"
+        time.sleep(0.1)
+        records = read_records(first)
     assert "preempting" in [r.WhichOneof("record_type") for r in records]
     assert [r.exit.exit_code for r in records if r.WhichOneof("record_type") == "exit"] == [REQUEUE_EXIT_CODE]
     results = train(cfg)  # the requeued run
