@@ -41,6 +41,7 @@ from timm.data.transforms import MaybeToTensor
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
+from torchvision.transforms import functional as TF
 
 from ..registry import Registry
 from .decode import EncodedImage, decode_resized_crop, read_encoded, region_decoder_reason
@@ -65,11 +66,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 BatchTransform = Callable[[Any, torch.device], Tensor]
-_RESAMPLE = {
-    T.InterpolationMode.NEAREST: Image.Resampling.NEAREST,
-    T.InterpolationMode.BILINEAR: Image.Resampling.BILINEAR,
-    T.InterpolationMode.BICUBIC: Image.Resampling.BICUBIC,
-}
 _DETERMINISTIC = (T.Resize, T.CenterCrop)
 
 
@@ -138,7 +134,7 @@ def read_recipe(transform: Any) -> CropRecipe | ResizeRecipe:
             raise ValueError(_unsupported(rest[0]))
         return CropRecipe(
             size=(int(crop.size[0]), int(crop.size[1])), scale=tuple(crop.scale), ratio=tuple(crop.ratio),
-            resample=_RESAMPLE[crop.interpolation], flip=flip,
+            resample=Image.Resampling(TF.pil_modes_mapping[crop.interpolation]), flip=flip,
             jitter=None if jitter is None else (jitter.brightness, jitter.contrast, jitter.saturation),
             mean=mean, std=std,
         )  # fmt: skip
@@ -406,7 +402,9 @@ class PipelineSpec:
     about: str
 
 
-PIPELINES: Registry[PipelineSpec] = Registry("input pipeline", "data.pipeline", "xnorpp.data.PIPELINES")
+PIPELINES: Registry[PipelineSpec] = Registry(
+    "input pipeline", "data.pipeline", "xnorpp.data.pipeline.PIPELINES"
+)
 
 
 def _split_datasets(
