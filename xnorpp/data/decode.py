@@ -114,7 +114,28 @@ def _load() -> ctypes.CDLL:
     lib.xnorpp_jpeg_size.argtypes = [buf, ctypes.c_ulong, out, out, out, buf, c_int]
     lib.xnorpp_jpeg_decode_region.argtypes = [buf, ctypes.c_ulong, *[c_int] * 5, ctypes.c_void_p, buf, c_int]
     lib.xnorpp_jpeg_size.restype = lib.xnorpp_jpeg_decode_region.restype = c_int
+    _self_test(lib)
     return lib
+
+
+def _self_test(lib: ctypes.CDLL) -> None:
+    """Decode a region of a small JPEG and compare it with PIL's decode, within 2 levels (PIL may bring
+    another libjpeg): catches a library built against headers of another libjpeg than the one loaded."""
+    pixels = np.tile(np.arange(0, 256, 8, dtype=np.uint8)[:, None, None], (1, 24, 3))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    w, h, comps, msg = ctypes.c_int(), ctypes.c_int(), ctypes.c_int(), ctypes.create_string_buffer(_MSG)
+    if lib.xnorpp_jpeg_size(
+        data, len(data), ctypes.byref(w), ctypes.byref(h), ctypes.byref(comps), msg, _MSG
+    ):
+        raise RuntimeError(f"self-test: {msg.value.decode(errors='replace')}")
+    out = np.empty((10, 12, 3), np.uint8)
+    if lib.xnorpp_jpeg_decode_region(data, len(data), 8, 5, 3, 12, 10, out.ctypes.data, msg, _MSG):
+        raise RuntimeError(f"self-test: {msg.value.decode(errors='replace')}")
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))[3:13, 5:17]
+    if (w.value, h.value, comps.value) != (24, 32, 3) or np.abs(out.astype(int) - expected).max() > 2:
+        raise RuntimeError("self-test: the decoded region differs from PIL's decode")
 
 
 def _library() -> ctypes.CDLL | None:
