@@ -40,6 +40,8 @@ the rounds; ratios ``X / floor`` and ``X / naive`` are medians of per-pair ratio
 
 ``--in-process`` runs everything in this process, one configuration after the other (for smoke tests:
 its CPU peaks mean little).
+
+``python -m xnorpp.bench loader DATA_ROOT`` measures the input pipelines instead (:mod:`xnorpp.bench_loader`).
 """
 
 from __future__ import annotations
@@ -735,6 +737,11 @@ def _nan_to_none(obj: Any) -> Any:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["loader"]:
+        from xnorpp.bench_loader import main as _loader_main
+
+        _loader_main(sys.argv[2:])
+        sys.exit(0)
     # as train.py: jemalloc preloaded where installed (the workers inherit it), unless asked for glibc
     preload_jemalloc(
         "xnorpp.bench", keep_glibc=lambda: build_parser().parse_args().malloc in ("keep", "system")

@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import models as _models  # noqa: F401  (registers the binary ResNets with timm)
 from .data import DATASETS, build_datasets
+from .data.pipeline import build_pipeline
 from .engine import StepState, build_optimizer, build_scheduler, evaluate, lr_factor, train_one_epoch
 from .engine.checkpoint import (
     CheckpointError,
@@ -219,7 +220,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     name = data_cfg.pop("name")
     if name not in DATASETS:
         raise ValueError(f"unknown data {name!r}; valid choices: {', '.join(DATASETS)}")
-    loader_keys = ("batch_size", "eval_batch_size", "num_workers", "stem")
+    loader_keys = ("batch_size", "eval_batch_size", "num_workers", "stem", "pipeline")
     loader_cfg = {k: data_cfg.pop(k, None) for k in loader_keys}
     model_args_preview = model_args_from_cfg(cfg, 10, 1)  # validates names before touching data
     _check_scale_fits(model_args_preview)
@@ -230,6 +231,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             raise type(e)(f"{e} (data.root={cfg.data.root})") from e
         raise
     model_args = model_args_from_cfg(cfg, info.num_classes, info.in_chans)
+    pipeline = build_pipeline(loader_cfg["pipeline"], train_ds, val_ds, device)
 
     model = build_model(model_args)
     model_summary = summary(model, model_args["input_size"], model_args["in_chans"])
@@ -241,10 +243,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         warm_up_fused(device, PRECISIONS.get(str(cfg.trainer.precision)))
 
     train_loader, val_loader, sampler = build_loaders(
-        train_ds, val_ds, batch_size=int(loader_cfg["batch_size"]), num_workers=int(loader_cfg["num_workers"] or 0),
+        pipeline.train, pipeline.val, batch_size=int(loader_cfg["batch_size"]), num_workers=int(loader_cfg["num_workers"] or 0),
         seed=int(cfg.seed), rank=dist_info.rank, world_size=dist_info.world_size, pin_memory=device.type == "cuda",
         eval_batch_size=loader_cfg["eval_batch_size"],
     )  # fmt: skip
+    train_loader, val_loader = pipeline.wrap(train_loader, val_loader, device)
     if len(train_loader) == 0:
         raise ValueError(
             f"the training set has {len(train_ds)} images, fewer than one batch of data.batch_size="
@@ -349,6 +352,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "choices": choices,
                 "overrides": overrides,
                 "data_augment": info.augment,
+                "data_pipeline": pipeline.name,
                 "lr": optimizer.defaults["lr"],  # optimizer.lr scaled to the global batch
                 "lr_scale": lr_scale,
                 "run_dir": str(out_dir.resolve()),
