@@ -291,9 +291,8 @@ def test_a_preempted_run_finishes_its_wandb_run_as_preempting_and_counts_the_att
 ) -> None:
     """SIGTERM in the middle of an epoch (a real signal to this process): the wandb run is finished,
     marked preempting, before the hand-over; the resumed run counts 2 attempts and 1 requeue."""
-    from wandb_run_file import wandb_records
-
     from xnorpp.run import Preempted
+    from xnorpp.track.wandb_file import read_records as wandb_records
 
     out = tmp_path / "run"
     cfg = make_cfg("logger=wandb", "logger.wandb.mode=offline", "logger.wandb.log_model_summary=false",
