@@ -55,6 +55,7 @@ def _configured_glibc(argv: list[str]) -> bool:
         overrides = [a for a in argv if a not in ("-m", "--multirun")]
         parsed = OverridesParser.create().parse_overrides(overrides)
         fixed = [a for a, o in zip(overrides, parsed) if not o.is_sweep_override()]
+        _load("xnorpp/config_source.py").register()  # the sweep/ presets (+sweep=NAME)
         with initialize_config_dir(config_dir=os.path.join(HERE, "conf"), version_base="1.3"):
             cfg = compose(config_name="train", overrides=fixed)
         return swept or str(cfg.trainer.malloc) in ("keep", "system")
@@ -107,5 +108,6 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     _preload_jemalloc(sys.argv[1:])  # (before anything else: the process may start again from here)
     _load("xnorpp/resolvers.py").register()  # before Hydra composes the launcher's config
+    _load("xnorpp/config_source.py").register()  # +sweep=NAME reads sweep/ (hydra.searchpath in train.yaml)
     sys.argv = [sys.argv[0], *_share_run_dir_across_ranks(sys.argv[1:])]
     main()

@@ -12,10 +12,13 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from xnorpp import config_source
+
 ROOT = Path(__file__).resolve().parents[1]
 CONF = str(ROOT / "conf")
 
 os.environ.setdefault("WANDB_SILENT", "true")
+config_source.register()  # +sweep=NAME, as train.py does before Hydra composes
 # One intra-op thread: tests are many small ops, where extra threads (and a shared, busy machine)
 # cost more than they give. Benchmarks, not tests, measure speed.
 torch.set_num_threads(1)

@@ -22,7 +22,7 @@ import pytest
 from browser import Browser, find_chromium
 from conftest import ROOT, TINY
 
-from xnorpp.dashboard import Series, line_chart
+from xnorpp.report.html import Series, line_chart
 from xnorpp.track.wandb_file import history_rows, read_records, run_files
 
 CHROMIUM = find_chromium()

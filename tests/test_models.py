@@ -96,7 +96,7 @@ def test_binary_layers_of_each_variant(variant: str) -> None:
         )
 
 
-# ---------------------------------------------------------------- structure (REFERENCE section 3)
+# ---------------------------------------------------------------- structure (docs/method.md)
 
 
 def test_stem_and_head_structure() -> None:

@@ -19,7 +19,6 @@ from xnorpp.report import (
     Reference,
     collect_runs,
     compare_rows,
-    main,
     markdown_table,
     pick_baselines,
     plot,
@@ -27,6 +26,7 @@ from xnorpp.report import (
     summarise,
     varying_keys,
 )
+from xnorpp.report.cli import main
 from xnorpp.track.wandb_file import read_records
 
 CHOICES = {"model": "resnet18_preact", "binarization": "real_downsample", "scale": "rank1", "data": "mnist5k",

@@ -28,7 +28,7 @@ from wandb_run_file import RunFile
 
 from xnorpp.engine.memory import JEMALLOC_DIRS
 from xnorpp.report import ERROR_LOG, collect_runs, summarise
-from xnorpp.report import main as report_main
+from xnorpp.report.cli import main as report_main
 
 SWEEP = ROOT / "sweep"
 EXPERIMENT = ["experiment=seed_resnet18_imagenet", "data.root=/data/imagenet"]

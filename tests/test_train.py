@@ -162,8 +162,8 @@ def test_weight_decay_groups_reach_the_optimizer(make_cfg) -> None:
 
 def test_each_job_of_a_multirun_starts_from_its_own_switches(make_cfg, tmp_path: Path) -> None:
     """Jobs of a sequential multirun share a process: process-wide switches follow each job's config."""
+    from xnorpp.job import DEFAULT_THREADS as _DEFAULT_THREADS
     from xnorpp.nn import kernels
-    from xnorpp.run import _DEFAULT_THREADS
 
     odd = train(make_cfg("trainer.int8_conv=false", "trainer.deterministic=true", "trainer.threads=3",
                          "trainer.kernels=eager", out=tmp_path / "a"))  # fmt: skip

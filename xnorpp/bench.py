@@ -66,22 +66,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import accel
 from .engine.loop import PRECISIONS
-from .engine.memory import (
-    MALLOC_POLICIES,
-    allocator,
-    jemalloc_loaded,
-    malloc_in_use,
-    preload_jemalloc,
-    set_jemalloc_decay,
-    set_malloc_policy,
-    set_malloc_thresholds,
-)
 from .nn import BinaryConv2d, LearnedScale, ScaleFactor
-from .nn.fused import has_fused, set_fused, warm_up_fused
-from .nn.int8_conv import int8_conv_calls, int8_conv_enabled, set_int8_conv
-from .nn.kernels import KERNEL_MODES, get_kernels, set_kernels
-from .nn.native import calls as native_calls
+from .nn.fused import set_fused
 
 __all__ = [
     "CONFIGS",
@@ -232,14 +220,6 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
 
-def _live_malloc() -> bool:
-    """glibc: every block of 64 KiB or more gets its own ``mmap``, freed memory goes back (jemalloc: freed
-    pages go back at once); False if neither applies."""
-    if jemalloc_loaded():
-        return set_jemalloc_decay(0)
-    return set_malloc_thresholds(_LIVE_THRESHOLD, _LIVE_THRESHOLD)
-
-
 def _reset_peak_rss() -> bool:
     """Reset this process's peak RSS (Linux ``/proc/self/clear_refs``; ``ru_maxrss`` follows)."""
     try:
@@ -276,14 +256,14 @@ class TrainStepRun:
         kernels: str = "compiled",
         int8_conv: bool = True,
     ) -> None:
-        # glibc's policy before anything is allocated: a memory run makes RSS follow live memory
+        # the allocator's policy before anything is allocated: a memory run makes RSS follow live memory
         self.live = self.cuda = torch.device(device).type == "cuda"
         if live_malloc and not self.cuda:
-            self.live = _live_malloc()
-        elif not self.cuda:
-            set_malloc_policy(malloc)
-        set_kernels(kernels)
-        set_int8_conv(int8_conv)
+            self.live = accel.follow_live_memory(_LIVE_THRESHOLD)
+        speed = accel.Settings(
+            kernels=kernels, int8_conv=int8_conv, malloc="system" if live_malloc else malloc
+        )
+        self.speed = accel.configure(speed, device).__enter__()  # as the trainer: restored by run_config
         torch.set_num_threads(threads or available_cores())
         torch.backends.cudnn.benchmark = True  # as the trainer does on CUDA (fixed shapes)
         torch.manual_seed(seed)
@@ -291,8 +271,7 @@ class TrainStepRun:
         self.dev = torch.device(device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
         self.model = build_config(name, image_size, num_classes, stem).to(self.dev, memory_format=fmt).train()
-        if not self.cuda and not compile and has_fused(self.model):  # as train()
-            warm_up_fused(self.dev, PRECISIONS.get(precision))
+        self.speed.warm_up(self.model, PRECISIONS.get(precision), compiled=compile)  # as train()
         self.forward: Callable[[Tensor], Tensor] = torch.compile(self.model) if compile else self.model
         self.opt = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         self.scaler = torch.amp.GradScaler(self.dev.type, enabled=precision == "16")
@@ -301,7 +280,6 @@ class TrainStepRun:
         )
         self.target = torch.randint(0, num_classes, (batch_size,), device=self.dev)
         self.times: list[float] = []
-        self.int8_calls, self.c_calls = int8_conv_calls(), native_calls()
         self.base = self.built = self._base_memory()
 
     def _base_memory(self) -> int:
@@ -348,11 +326,9 @@ class TrainStepRun:
             "built_mb": self.built / MB,
             "live_peak_mb": float("nan"),
             "saved_mb": float("nan"),
-            "kernels": get_kernels(),  # "eager" if compiling failed
-            # whether the binary forward convs ran as exact int8 convs (CPU, fp32, kernel available)
-            "int8_conv": int8_conv_calls() > self.int8_calls,
-            # whether the binary layers' element-wise work ran in the C kernels (CPU, compiled kernels)
-            "c_kernels": native_calls() > self.c_calls,
+            # kernels ("eager" if compiling failed), whether the binary forward convs ran as exact int8 convs
+            # and their element-wise work in the C kernels
+            **{k: v for k, v in self.speed.report().items() if k in ("kernels", "int8_conv", "c_kernels")},
         }
         if measure_live_peak or measure_saved:  # one more step, watched by the allocator and/or autograd
             self.opt.zero_grad(set_to_none=True)
@@ -380,16 +356,15 @@ def run_config(
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Build configuration ``name`` in this process, run ``warmup + steps`` steps; the result dict."""
-    old_threads, old_kernels, old_int8 = torch.get_num_threads(), get_kernels(), int8_conv_enabled()
+    old_threads = torch.get_num_threads()
     try:
-        run = TrainStepRun(name, image_size, batch_size, **kwargs)
-        for _ in range(warmup + steps):
-            run.step()
-        return run.finish(warmup, measure_live_peak, measure_saved)
+        with accel.preserved():  # this process's speed switches as they were
+            run = TrainStepRun(name, image_size, batch_size, **kwargs)
+            for _ in range(warmup + steps):
+                run.step()
+            return run.finish(warmup, measure_live_peak, measure_saved)
     finally:
         torch.set_num_threads(old_threads)
-        set_kernels(old_kernels)
-        set_int8_conv(old_int8)
 
 
 def _serve(kwargs: dict[str, Any], conn: Connection) -> None:
@@ -661,12 +636,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: available cores)")
     p.add_argument(
-        "--malloc", choices=MALLOC_POLICIES, default="auto",
+        "--malloc", choices=accel.MALLOC_POLICIES, default="auto",
         help="CPU allocator policy of the timed runs, as trainer.malloc (default auto: jemalloc, which "
         "python -m xnorpp.bench preloads where it is installed, else keep)",
     )  # fmt: skip
     p.add_argument(
-        "--kernels", choices=KERNEL_MODES, default="compiled",
+        "--kernels", choices=accel.KERNEL_MODES, default="compiled",
         help="the binary layers' sign kernel, as trainer.kernels (default compiled)",
     )  # fmt: skip
     p.add_argument(
@@ -693,7 +668,7 @@ def _settings(args: argparse.Namespace, preset: str | None) -> dict[str, Any]:
     settings.update(
         preset=preset, device=args.device, precision=args.precision, channels_last=args.channels_last,
         compile=args.compile, threads=args.threads or available_cores(), in_process=args.in_process,
-        malloc=malloc_in_use(args.malloc), allocator=allocator(), kernels=args.kernels,
+        **accel.describe_malloc(args.malloc), kernels=args.kernels,
         int8_conv=args.int8_conv, memory_pass=args.memory_pass,
     )  # fmt: skip
     return settings
@@ -705,7 +680,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parser.parse_args(argv)
     if args.malloc == "jemalloc":  # the workers inherit this process's preloaded allocator
         try:
-            set_malloc_policy("jemalloc")
+            accel.apply_malloc("jemalloc")
         except ValueError as e:
             parser.error(str(e))
     presets: list[str | None] = list(PRESETS) if args.preset == "all" else [args.preset]
@@ -743,7 +718,7 @@ if __name__ == "__main__":
         _loader_main(sys.argv[2:])
         sys.exit(0)
     # as train.py: jemalloc preloaded where installed (the workers inherit it), unless asked for glibc
-    preload_jemalloc(
+    accel.preload_allocator(
         "xnorpp.bench", keep_glibc=lambda: build_parser().parse_args().malloc in ("keep", "system")
     )
     from xnorpp.bench import main as _main  # the importable module, so that workers unpickle its functions

@@ -176,16 +176,18 @@ def is_binary_architecture(name: str) -> bool:
 
 
 def build_model_from_args(model_args: Mapping[str, Any]) -> nn.Module:
-    """``timm.create_model(name, **rest)`` from a checkpoint's ``model_args`` (``name`` is required); timm's
-    own real-valued models (``model=timm_resnet18``) get ``num_classes`` and ``in_chans`` only."""
+    """``timm.create_model(name, **rest, **kwargs)`` from a checkpoint's ``model_args`` (``name`` is required;
+    ``kwargs``: the model's own further arguments, ``model.kwargs``); other timm models than xnorpp's
+    binary ResNets (``model=timm_resnet18``) get ``num_classes``, ``in_chans`` and ``kwargs`` only."""
     args = dict(model_args)
     name = args.pop("name", None)
+    extra = dict(args.pop("kwargs", None) or {})
     if not name:
         raise ValueError(f"model_args has no 'name' (the timm model name); got keys {sorted(model_args)}")
     if not is_binary_architecture(name):
         args = {k: args[k] for k in ("num_classes", "in_chans") if k in args}
     try:
-        return timm.create_model(name, **args)
+        return timm.create_model(name, **args, **extra)
     except TypeError as e:
         raise ValueError(f"model_args {dict(model_args)} do not build timm model {name!r}: {e}") from e
 

@@ -7,15 +7,22 @@ A user adds an entry from their own module, without editing the package::
     @DATASETS.register("my_data")
     def build_my_data(*, image_size: int, augment: str | bool, **kwargs): ...
 
-and then selects it by name from a config (``data.name=my_data``). Names are case-insensitive.
+and then selects it by name from a config (``data.name=my_data``). Names are case-insensitive. The
+trainer imports the modules a config lists under ``imports`` (:func:`import_modules`) before it looks a
+name up: ``python train.py imports=[my_data] data.name=my_data``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+import importlib
+import importlib.util
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+from types import ModuleType
 from typing import Generic, TypeVar
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "import_modules"]
 
 T = TypeVar("T")
 
@@ -78,3 +85,32 @@ class Registry(Mapping[str, T], Generic[T]):
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}: {', '.join(self)})"
+
+
+def import_modules(specs: Iterable[str]) -> list[ModuleType]:
+    """Import each of ``specs``, a module name (``my_pkg.my_data``, importable from ``sys.path``) or the
+    path of a Python file (``path/to/my_data.py``, imported as ``my_data``), so that its registrations
+    run. A module already imported is not imported again."""
+    modules = []
+    for spec in specs:
+        spec = str(spec)
+        if not spec.endswith(".py"):
+            modules.append(importlib.import_module(spec))
+            continue
+        path = Path(spec).expanduser().resolve()
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"imports: no such file {spec!r} (a module name or the path of a .py file)"
+            )
+        name = path.stem
+        loaded = sys.modules.get(name)
+        if loaded is not None and Path(getattr(loaded, "__file__", "") or "").resolve() == path:
+            modules.append(loaded)
+            continue
+        found = importlib.util.spec_from_file_location(name, path)
+        assert found is not None and found.loader is not None
+        module = importlib.util.module_from_spec(found)
+        sys.modules[name] = module  # pickling (DataLoader workers, joblib) finds its classes by name
+        found.loader.exec_module(module)
+        modules.append(module)
+    return modules

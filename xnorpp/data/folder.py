@@ -211,6 +211,35 @@ def _check_counts(name: str, found: int, num_classes: int | None, in_chans: int 
         raise ValueError(f"{name}: images are loaded as RGB (in_chans=3), got in_chans={in_chans}")
 
 
+def _split_single_tree(
+    name: str, path: Path, layout: str, val_fraction: float, split_seed: int, train_tf: Any, val_tf: Any
+) -> tuple[FolderSubset, FolderSubset, list[str]]:
+    """One ``<class>/*`` tree split into train and val, stratified by class (``val_fraction``, ``split_seed``)."""
+    val_fraction = check_fraction(val_fraction)
+    base = CheckedImageFolder(path, layout=layout)
+    targets = np.asarray(base.targets, dtype=np.int64)
+    counts = np.bincount(targets, minlength=len(base.classes))
+    single = [os.path.join(base.root, c) for c, n in zip(base.classes, counts, strict=True) if n < 2]
+    if single:
+        raise ValueError(
+            f"{name}: a stratified train/val split needs >= 2 images per class; these class folders "
+            f"have 1: {_limited(single)}. Add images or provide root/train and root/val."
+        )
+    try:
+        train_idx, val_idx = train_test_split(
+            np.arange(len(targets)), test_size=val_fraction, stratify=targets, random_state=split_seed
+        )
+    except ValueError as e:
+        raise ValueError(
+            f"{name}: cannot split {len(targets)} images of {len(base.classes)} classes in "
+            f"{str(path)!r} with val_fraction={val_fraction}: {e}. Increase val_fraction or add images."
+        ) from e
+    classes = base.classes
+    train_ds = FolderSubset(base, sorted(train_idx.tolist()), train_tf)
+    val_ds = FolderSubset(base, sorted(val_idx.tolist()), val_tf)
+    return train_ds, val_ds, classes
+
+
 def _build(
     name: str,
     root: str | os.PathLike[str] | None,
@@ -246,28 +275,9 @@ def _build(
         classes = train_folder.classes
         train_ds, val_ds = train_folder, val_folder
     else:
-        val_fraction = check_fraction(val_fraction)
-        base = CheckedImageFolder(path, layout=layout)
-        targets = np.asarray(base.targets, dtype=np.int64)
-        counts = np.bincount(targets, minlength=len(base.classes))
-        single = [os.path.join(base.root, c) for c, n in zip(base.classes, counts, strict=True) if n < 2]
-        if single:
-            raise ValueError(
-                f"{name}: a stratified train/val split needs >= 2 images per class; these class folders "
-                f"have 1: {_limited(single)}. Add images or provide root/train and root/val."
-            )
-        try:
-            train_idx, val_idx = train_test_split(
-                np.arange(len(targets)), test_size=val_fraction, stratify=targets, random_state=split_seed
-            )
-        except ValueError as e:
-            raise ValueError(
-                f"{name}: cannot split {len(targets)} images of {len(base.classes)} classes in "
-                f"{str(path)!r} with val_fraction={val_fraction}: {e}. Increase val_fraction or add images."
-            ) from e
-        classes = base.classes
-        train_ds = FolderSubset(base, sorted(train_idx.tolist()), train_tf)
-        val_ds = FolderSubset(base, sorted(val_idx.tolist()), val_tf)
+        train_ds, val_ds, classes = _split_single_tree(
+            name, path, layout, val_fraction, split_seed, train_tf, val_tf
+        )
 
     _check_counts(name, len(classes), num_classes, in_chans)
     info = DatasetInfo(

@@ -3,7 +3,9 @@ decisions every rank must make alike (:func:`ranks_with`)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +16,7 @@ __all__ = [
     "PeerFailedError",
     "all_reduce_sum",
     "barrier",
+    "collective_errors",
     "init_distributed",
     "is_primary",
     "peer_failed",
@@ -97,6 +100,18 @@ def peer_failed(rank: int, error: Exception) -> PeerFailedError:
         f"rank {rank}: a collective operation failed ({first}): another rank most likely stopped with an "
         "error or was killed (its log says why); this rank stops too"
     )
+
+
+@contextlib.contextmanager
+def collective_errors(info: DistInfo) -> Iterator[None]:
+    """Under DDP, turn the error of a failed collective (gloo reports a rank that has gone as a
+    ``RuntimeError``) into a :class:`PeerFailedError` that says what most likely happened."""
+    try:
+        yield
+    except RuntimeError as e:
+        if info.enabled and (isinstance(e, dist.DistError) or "gloo" in str(e)):
+            raise peer_failed(info.rank, e) from e
+        raise
 
 
 def barrier() -> None:

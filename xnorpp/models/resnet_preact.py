@@ -1,6 +1,6 @@
 """Pre-activation binary ResNets of the original XNOR-Net++ reproduction, registered with timm.
 
-Basic block (REFERENCE section 3)::
+Basic block (docs/method.md)::
 
     identity = x
     h = BN1(x)
@@ -36,7 +36,7 @@ __all__ = [
 
 @dataclass(frozen=True)
 class Binarization:
-    """Which parts of the network are binary (REFERENCE section 3, variant table)."""
+    """Which parts of the network are binary (docs/method.md, the variant table)."""
 
     name: str
     weights: bool

@@ -1,8 +1,9 @@
-"""Binary building blocks: sign functions with straight-through estimators, scale factors, BinaryConv2d."""
+"""Binary building blocks: sign functions with straight-through estimators, scale factors, BinaryConv2d.
+
+The speed code behind them (:mod:`.fused`, :mod:`.kernels`, :mod:`.native`, :mod:`.int8_conv`) is switched
+through :mod:`xnorpp.accel` only."""
 
 from .conv import BinaryConv2d
-from .int8_conv import int8_conv_active, int8_conv_enabled, set_int8_conv
-from .kernels import KERNEL_MODES, get_kernels, set_kernels
 from .pool import MaxPool2d, max_pool2d
 from .scale import (
     LEARNED_SCALES,
@@ -28,7 +29,6 @@ from .sign import (
 
 __all__ = [
     "ACTIVATION_ESTIMATORS",
-    "KERNEL_MODES",
     "LEARNED_SCALES",
     "SCALES",
     "SPATIAL_SCALES",
@@ -44,13 +44,8 @@ __all__ = [
     "centre_weight",
     "conv_output_size",
     "get_estimator",
-    "get_kernels",
     "identity_sign",
-    "int8_conv_active",
-    "int8_conv_enabled",
     "max_pool2d",
-    "set_int8_conv",
-    "set_kernels",
     "sign_ste",
     "weight_sign",
 ]

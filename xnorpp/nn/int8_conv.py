@@ -107,7 +107,7 @@ def int8_conv_active() -> bool:
         if _unavailable is not None:
             warnings.warn(
                 f"the exact int8 binary conv is unavailable ({_unavailable}); using the fp32 conv (same "
-                "results, slower on CPU). Set trainer.int8_conv=false (xnorpp.nn.set_int8_conv(False)) "
+                "results, slower on CPU). Set trainer.int8_conv=false (xnorpp.accel.configure({'int8_conv': False})) "
                 "to skip this check.",
                 RuntimeWarning,
                 stacklevel=2,

@@ -36,6 +36,7 @@ __all__ = [
     "gamma_forward",
     "gamma_forward_in_c",
     "get_kernels",
+    "kernel_mode",
     "layout_like",
     "masked_grad",
     "memory_format_of",
@@ -106,6 +107,11 @@ def set_kernels(mode: str) -> None:
     _mode, _failed, _native_warned = mode, None, False
 
 
+def kernel_mode() -> str:
+    """The mode last set (:func:`get_kernels`: the mode in use, ``"eager"`` once compiling failed)."""
+    return _mode
+
+
 def get_kernels() -> str:
     """The kernel mode in use: ``"compiled"`` only if set and compiling has not failed."""
     return "compiled" if _mode == "compiled" and _failed is None else "eager"
@@ -130,7 +136,7 @@ def _run(kernel: Callable[..., tuple[Tensor, Tensor]], x: Tensor, *args: object)
             warnings.warn(
                 f"compiling the binary layers' sign kernel failed ({_failed}); using the eager kernel "
                 f"(same results, slower on CPU). To compile: {fix}. Or set trainer.kernels=eager "
-                "(xnorpp.nn.set_kernels('eager')) to skip compiling.",
+                "(xnorpp.accel.configure({'kernels': 'eager'})) to skip compiling.",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -154,7 +160,7 @@ def _native(*tensors: Tensor) -> bool:
         _native_warned = True
         fix = (
             f"{native.compiler_hint()}, make {native.cache_dir()} writable (or set XNORPP_CACHE_DIR), or set "
-            "trainer.kernels=eager (xnorpp.nn.set_kernels('eager')) to skip building"
+            "trainer.kernels=eager (xnorpp.accel.configure({'kernels': 'eager'})) to skip building"
             if platform.system() == "Linux"
             else "nothing to install"
         )

@@ -66,6 +66,9 @@ class WandbTracker:
     ``enabled`` is False on non-zero ranks and for ``mode="disabled"``. A failure to start (no network,
     bad key) in online mode retries offline; a failure offline turns tracking off. Either way training
     continues and the reason is logged. A value wandb cannot take is dropped with one warning per key.
+
+    As a context manager it is always finished: on leaving the block it copies ``files`` (those that exist
+    then, relative to ``dir``) into the run's files and finishes the run, with exit code 1 on an error.
     """
 
     def __init__(
@@ -84,10 +87,12 @@ class WandbTracker:
         config: dict[str, Any] | None = None,
         run_id: str | None = None,
         init_timeout: float = 60.0,
+        files: Iterable[str | Path] = (),
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown logger.wandb.mode {mode!r}; valid choices: {', '.join(MODES)}")
         self.run: Any = None
+        self.dir, self.files = Path(dir), [Path(f) for f in files]
         self.mode = mode
         self.status = "disabled"
         self._warned: set[str] = set()
@@ -108,6 +113,13 @@ class WandbTracker:
             self.status = "failed"
         else:
             self.status = self.mode
+
+    def __enter__(self) -> WandbTracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.save_files(self.files, self.dir)
+        self.finish(0 if exc_type is None else 1)
 
     @staticmethod
     def _start(kwargs: dict[str, Any], mode: str, timeout: float) -> Any:

@@ -23,10 +23,10 @@ from typing import Any
 
 import yaml
 
-from . import __version__
-from .report import LAUNCH, Row, Run, last_error_line, legend, table_cells
-from .track.naming import NOT_CONFIG
-from .track.wandb_file import history_rows, run_files
+from .. import __version__
+from ..track.naming import NOT_CONFIG
+from ..track.wandb_file import history_rows, run_files
+from .table import LAUNCH, Row, Run, last_error_line, legend, table_cells
 
 __all__ = ["Series", "line_chart", "step_series", "write_html"]
 
