@@ -1,4 +1,4 @@
-"""xnorpp: binary neural networks (XNOR-Net++) with composable experiments.
+"""xnorpp: binary neural networks (XNOR-Net++ and the methods around it) with composable experiments.
 
 Importing the package registers ``resnet18_preact_bin`` and ``resnet34_preact_bin`` with timm, and the
 config resolvers of :mod:`xnorpp.resolvers` with OmegaConf.
@@ -7,8 +7,10 @@ config resolvers of :mod:`xnorpp.resolvers` with OmegaConf.
 from . import models, nn, resolvers
 from .model_summary import summary
 from .models import BINARIZATIONS
-from .nn import SCALES, BinaryConv2d, sign_ste
+from .nn import SCALES, BinarizePolicy, BinaryConv2d, binarize, sign_ste
 
 resolvers.register()
 __version__ = "0.1.0"
-__all__ = ["BINARIZATIONS", "SCALES", "BinaryConv2d", "models", "nn", "sign_ste", "summary"]
+__all__ = [
+    "BINARIZATIONS", "SCALES", "BinarizePolicy", "BinaryConv2d", "binarize", "models", "nn", "sign_ste", "summary",
+]  # fmt: skip

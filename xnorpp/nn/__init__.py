@@ -1,10 +1,13 @@
 """Binary building blocks: sign functions with straight-through estimators, scale factors, BinaryConv2d."""
 
+from .binarize import BinarizationMap, BinarizePolicy, LayerPlan, binarize
 from .conv import BinaryConv2d
 from .int8_conv import int8_conv_active, int8_conv_enabled, set_int8_conv
 from .kernels import KERNEL_MODES, get_kernels, set_kernels
+from .linear import BinaryLinear
 from .pool import MaxPool2d, max_pool2d
 from .scale import (
+    ANALYTIC_SCALES,
     LEARNED_SCALES,
     SCALES,
     SPATIAL_SCALES,
@@ -17,28 +20,48 @@ from .scale import (
 )
 from .sign import (
     ACTIVATION_ESTIMATORS,
+    QUANTIZERS,
+    ApproxSign,
+    MagnitudeAwareSign,
+    Quantizer,
+    SteSign,
+    SwishSign,
     approx_sign,
     binary_sign,
     centre_weight,
     get_estimator,
     identity_sign,
+    magnitude_aware_sign,
     sign_ste,
+    swish_sign,
     weight_sign,
 )
 
 __all__ = [
     "ACTIVATION_ESTIMATORS",
+    "ANALYTIC_SCALES",
     "KERNEL_MODES",
     "LEARNED_SCALES",
+    "QUANTIZERS",
     "SCALES",
     "SPATIAL_SCALES",
+    "ApproxSign",
+    "BinarizationMap",
+    "BinarizePolicy",
     "BinaryConv2d",
+    "BinaryLinear",
+    "LayerPlan",
     "LearnedScale",
+    "MagnitudeAwareSign",
     "MaxPool2d",
     "NoScale",
+    "Quantizer",
     "ScaleFactor",
+    "SteSign",
+    "SwishSign",
     "XnorScale",
     "approx_sign",
+    "binarize",
     "binary_sign",
     "build_scale",
     "centre_weight",
@@ -48,9 +71,11 @@ __all__ = [
     "identity_sign",
     "int8_conv_active",
     "int8_conv_enabled",
+    "magnitude_aware_sign",
     "max_pool2d",
     "set_int8_conv",
     "set_kernels",
     "sign_ste",
+    "swish_sign",
     "weight_sign",
 ]
