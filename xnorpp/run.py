@@ -29,6 +29,7 @@ from .engine.checkpoint import (
     rotate,
     save_checkpoint,
 )
+from .engine.distill import Distiller, load_teacher
 from .engine.distributed import DistInfo, barrier, init_distributed, peer_failed
 from .engine.health import BinarizationHealth
 from .engine.loaders import build_loaders
@@ -43,6 +44,7 @@ from .nn.fused import has_fused, warm_up_fused
 from .nn.int8_conv import int8_conv_calls, set_int8_conv
 from .nn.kernels import get_kernels, set_kernels
 from .nn.native import calls as native_calls
+from .stages import init_weights, run_stages
 from .track import WandbTracker, write_results
 from .track.naming import run_group, run_name, run_tags
 from .track.wandb_tracker import epoch_row_for_wandb
@@ -51,13 +53,16 @@ log = logging.getLogger("xnorpp")
 
 __all__ = ["MODEL_KEYS", "REQUEUE_EXIT_CODE", "Preempted", "build_model", "model_args_from_cfg", "train"]
 
-MODEL_KEYS = ("name", "binarization", "scale", "num_classes", "in_chans", "input_size", "stem", "estimator")
+MODEL_KEYS = ("name", "binarization", "scale", "num_classes", "in_chans", "input_size", "stem", "estimator",
+              "block", "centre_weights", "binarize")  # fmt: skip
 _DEFAULT_THREADS = torch.get_num_threads()  # this process's own, for the jobs of a multirun that set none
 
 
 # --------------------------------------------------------------------------------------------------- model
 def model_args_from_cfg(cfg: DictConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
-    """The plain ``timm.create_model`` arguments a config describes (stored in every checkpoint)."""
+    """The plain ``timm.create_model`` arguments a config describes (stored in every checkpoint); a block
+    other than ``preact`` (``model.block``), the ``model.binarize`` policy of ``model=timm`` and, for
+    ``optimizer=bop``, ``centre_weights: False`` only when they apply."""
     if cfg.binarization.name not in BINARIZATIONS:
         raise ValueError(
             f"unknown binarization {cfg.binarization.name!r}; valid choices: {', '.join(BINARIZATIONS)}"
@@ -73,12 +78,17 @@ def model_args_from_cfg(cfg: DictConfig, num_classes: int, in_chans: int) -> dic
         "input_size": int(cfg.data.image_size),
         "stem": str(cfg.model.stem),
         "estimator": str(cfg.model.estimator),
-    }
+        **({"block": str(cfg.model.block)} if cfg.model.get("block", "preact") != "preact" else {}),
+        **({"centre_weights": False} if cfg.optimizer.name == "bop" else {}),
+        **({"binarize": OmegaConf.to_container(cfg.model.binarize, resolve=True)} if cfg.model.get("binarize") is not None
+           else {}),
+    }  # fmt: skip
 
 
 def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
     """``timm.create_model`` from stored arguments; timm's own real models ignore the binary ones."""
-    if not is_binary_architecture(model_args["name"]) and model_args["binarization"] != "fp":
+    binarizable = is_binary_architecture(model_args["name"]) or "binarize" in model_args
+    if not binarizable and model_args["binarization"] != "fp":
         log.warning(
             "model %s is real-valued: binarization=%s and scale are ignored",
             model_args["name"], model_args["binarization"],
@@ -206,7 +216,10 @@ def _launcher_threads() -> int | None:
 
 # --------------------------------------------------------------------------------------------------- train
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training (or evaluation, ``train=false``) job and return its results dict."""
+    """Run one training (or evaluation, ``train=false``) job and return its results dict; a config with
+    ``stages`` runs them one after the other (:mod:`xnorpp.stages`)."""
+    if cfg.get("stages") and cfg.train:
+        return run_stages(cfg)
     start_time = time.time()
     out_dir = Path(cfg.output_dir)
     dist_info, device = init_distributed(str(cfg.trainer.device))
@@ -232,6 +245,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     model_args = model_args_from_cfg(cfg, info.num_classes, info.in_chans)
 
     model = build_model(model_args)
+    binarization_map = getattr(model, "binarization_map", None)
+    if binarization_map is not None and primary:
+        log.info("binarization map of %s:\n%s", model_args["name"], binarization_map.table())
+    init_from = str(cfg.init_from) if cfg.get("init_from") and cfg.train else None
+    if init_from:  # weights only; a checkpoint of this run, if any, replaces them below
+        init_weights(model, init_from)
     model_summary = summary(model, model_args["input_size"], model_args["in_chans"])
     model.to(device)
     if cfg.trainer.channels_last:
@@ -250,6 +269,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             f"the training set has {len(train_ds)} images, fewer than one batch of data.batch_size="
             f"{loader_cfg['batch_size']} per process: lower data.batch_size"
         )
+    distiller = _build_distiller(cfg, info.num_classes, info.in_chans, device) if cfg.train else None
     opt_cfg = OmegaConf.to_container(cfg.optimizer, resolve=True)
     sched_cfg = OmegaConf.to_container(cfg.scheduler, resolve=True)
     assert isinstance(opt_cfg, dict) and isinstance(sched_cfg, dict)
@@ -335,7 +355,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             tracker.log_table("model/summary", model_summary.rows())
         results = _fit_or_eval(
             cfg, run_model, model, train_loader, val_loader, sampler, optimizer, scheduler, scaler, state, best,
-            history, device, tracker, ckpt_dir, model_args, dist_info, epochs, attempts,
+            history, device, tracker, ckpt_dir, model_args, dist_info, epochs, attempts, distiller,
         )  # fmt: skip
         results.update(
             {
@@ -356,6 +376,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                 "wandb_mode": tracker.status,
                 **attempts.to_dict(),  # wall_time_s over every attempt, attempts, requeues
                 "world_size": dist_info.world_size,
+                "init_from": init_from,
+                **({"distill": _distill_record(cfg, distiller, val_loader, device)} if distiller else {}),
+                **({"binarization_map": binarization_map.rows()} if binarization_map is not None else {}),
             }
         )
         if primary:
@@ -403,6 +426,30 @@ def _headline(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _build_distiller(
+    cfg: DictConfig, num_classes: int, in_chans: int, device: torch.device
+) -> Distiller | None:
+    """The ``distill`` group's loss with its teacher on ``device``, or None for ``distill=none``."""
+    d = cfg.get("distill")
+    if d is None or d.name == "none":
+        return None
+    teacher = load_teacher(str(d.teacher), num_classes, in_chans, d.get("teacher_file"))
+    return Distiller(
+        str(d.name), teacher.to(device), float(d.get("temperature", 1.0)), float(d.get("weight", 1.0))
+    )
+
+
+def _distill_record(
+    cfg: DictConfig, distiller: Distiller, val_loader: Any, device: torch.device
+) -> dict[str, Any]:
+    """What results.json says of the distillation: its settings and the teacher's own val top-1."""
+    tcfg = cfg.trainer
+    limit = int(tcfg.limit_val_batches) if tcfg.limit_val_batches else None
+    teacher = evaluate(distiller.teacher, val_loader, device=device, precision=str(tcfg.precision),
+                       channels_last=bool(tcfg.channels_last), max_steps=limit)  # fmt: skip
+    return {**OmegaConf.to_container(cfg.distill, resolve=True), "teacher_val_top1": teacher["val/top1"]}  # type: ignore[dict-item]
+
+
 def _check_compatible(ckpt: dict[str, Any], model_args: dict[str, Any], path: Path) -> None:
     stored = ckpt.get("model_args")
     if stored is None:
@@ -435,6 +482,7 @@ def _fit_or_eval(
     dist_info: DistInfo,
     epochs: int,
     attempts: Attempts,
+    distiller: Distiller | None = None,
 ) -> dict[str, Any]:
     tcfg = cfg.trainer
     int8_calls, c_calls = int8_conv_calls(), native_calls()
@@ -499,6 +547,7 @@ def _fit_or_eval(
                 grad_clip=tcfg.grad_clip, on_nonfinite=str(tcfg.on_nonfinite), log_every=int(tcfg.log_every),
                 log_fn=tracker.log if tracker.enabled else None, after_step=after_step, preemption=preempt,
                 progress=dist_info.primary, max_steps=limit, health=health, histogram=tracker.histogram,
+                loss_fn=distiller,
             )  # fmt: skip
             if preempt.agreed is not None:  # the same step on every rank
                 write(f"step_{state.global_step:09d}.pt", requeue=True)

@@ -113,8 +113,12 @@ def train_one_epoch(
     max_steps: int | None = None,
     health: BinarizationHealth | None = None,
     histogram: Callable[[str, torch.Tensor], Any] | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch (or until ``max_steps`` batches are done, or a ``preemption`` signal).
+
+    ``loss_fn(logits, target, images)`` replaces the cross-entropy (distillation: its teacher runs on
+    ``images`` inside the step, so its time counts in img/s).
 
     ``scheduler.step_update(global_step)`` runs before every optimizer step, so the LR is a function of
     the global step alone (exact on resume). Before each backward the ranks pool whether their loss is
@@ -151,7 +155,8 @@ def train_one_epoch(
             health.capture = True
         with autocast(device, precision):
             logits = model(images)
-            loss = F.cross_entropy(logits.float(), target)
+            scores = logits.float()
+            loss = F.cross_entropy(scores, target) if loss_fn is None else loss_fn(scores, target, images)
         votes = preemption.votes() if preemption is not None else []
         nonfinite_ranks, *signalled = ranks_with([not bool(torch.isfinite(loss)), *votes], device)
         stop = preemption is not None and preemption.agree(signalled)

@@ -10,11 +10,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler
+from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, PolyLRScheduler, StepLRScheduler
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from ..nn import BinaryConv2d, ScaleFactor
+from .bop import build_bop
 
 __all__ = [
     "LR_SCALES",
@@ -26,8 +27,8 @@ __all__ = [
     "param_groups",
 ]
 
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw")
-SCHEDULERS: tuple[str, ...] = ("cosine_restarts", "cosine", "step", "multistep", "constant")
+OPTIMIZERS: tuple[str, ...] = ("sgd", "adam", "adamw", "bop")
+SCHEDULERS: tuple[str, ...] = ("cosine_restarts", "cosine", "step", "multistep", "constant", "linear")
 LR_SCALES: tuple[str, ...] = ("linear", "sqrt", "none")
 
 
@@ -80,8 +81,13 @@ def build_optimizer(
     nesterov: bool = False,
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
+    gamma: float = 1e-4,
+    threshold: float = 1e-8,
 ) -> torch.optim.Optimizer:
-    """``sgd`` (momentum, optional Nesterov), ``adam`` or ``adamw`` over :func:`param_groups`."""
+    """``sgd`` (momentum, optional Nesterov), ``adam`` or ``adamw`` over :func:`param_groups`; ``bop``:
+    Bop (``gamma``, ``threshold``) for the binary weights, Adam for the rest (:mod:`xnorpp.engine.bop`)."""
+    if name == "bop":
+        return build_bop(model, lr, weight_decay, binary_weight_decay, tuple(betas), eps, gamma, threshold)
     groups = param_groups(model, weight_decay, binary_weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=nesterov)
@@ -113,6 +119,7 @@ def build_scheduler(
     - ``cosine``: one cosine from the base LR to ``min_lr`` over all epochs.
     - ``step``: LR times ``decay_rate`` every ``decay_epochs``; ``multistep``: at each of ``milestones``.
     - ``constant``: the base LR throughout (after any warmup).
+    - ``linear``: a straight line from the base LR to ``min_lr`` over all epochs (ReActNet's schedule).
     Warmup (linear from ``warmup_lr``) is prepended to any of them.
     """
     upe = max(1, int(updates_per_epoch))
@@ -134,4 +141,8 @@ def build_scheduler(
         return MultiStepLRScheduler(optimizer, decay_t=steps, decay_rate=decay_rate, **common)
     if name == "constant":
         return StepLRScheduler(optimizer, decay_t=10**12, decay_rate=1.0, **common)
+    if name == "linear":
+        return PolyLRScheduler(
+            optimizer, t_initial=max(1, epochs * upe - warm), power=1.0, lr_min=min_lr, **common
+        )
     raise ValueError(f"unknown scheduler {name!r}; valid choices: {', '.join(SCHEDULERS)}")
