@@ -35,7 +35,7 @@ def binarize_policy(
 def create_binarized(model_args: Mapping[str, Any]) -> nn.Module:
     """``timm.create_model(name, num_classes, in_chans)`` binarized as ``model_args`` say: ``binarization``,
     ``scale``, ``estimator``, ``input_size``, the policy options ``binarize`` and, if present,
-    ``centre_weights``. The model gets ``binarization`` and ``scale`` attributes (as the binary ResNets)."""
+    ``centre_weights``."""
     args = dict(model_args)
     options = dict(args.get("binarize") or {})
     if "centre_weights" in args:
@@ -45,7 +45,4 @@ def create_binarized(model_args: Mapping[str, Any]) -> nn.Module:
     model = timm.create_model(
         str(args["name"]), num_classes=int(args["num_classes"]), in_chans=int(args["in_chans"])
     )
-    model = binarize(model, policy, input_size=args["input_size"], in_chans=int(args["in_chans"]))
-    model.binarization = get_binarization(str(args["binarization"])).name
-    model.scale = str(args["scale"]) if model.binarization_map.binary_layers else "none"
-    return model
+    return binarize(model, policy, input_size=args["input_size"], in_chans=int(args["in_chans"]))
