@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from xnorpp.data import DATASETS
 from xnorpp.engine import OPTIMIZERS, SCHEDULERS
+from xnorpp.engine.distill import DISTILLERS
 from xnorpp.models import BINARIZATIONS
 from xnorpp.nn import SCALES
 
@@ -23,6 +24,7 @@ GROUPS = [
     "data",
     "optimizer",
     "scheduler",
+    "distill",
     "trainer",
     "logger",
     "experiment",
@@ -40,6 +42,7 @@ def test_every_option_composes(group: str, tmp_path: Path) -> None:
     assert options, f"conf/{group} has no options"
     for option in options:
         extra = ["data.root=/data"] if group == "data" and option in ("imagenet", "imagefolder") else []
+        extra += ["distill.teacher=t.pt"] if group == "distill" and option != "none" else []
         cfg = compose_cfg([f"{group}={option}", *extra], tmp_path)
         OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
 
@@ -50,6 +53,7 @@ def test_group_options_match_library_registries() -> None:
     assert set(_options("data")) == set(DATASETS)
     assert set(_options("optimizer")) == set(OPTIMIZERS)
     assert set(_options("scheduler")) == set(SCHEDULERS)
+    assert set(_options("distill")) == set(DISTILLERS)
     assert set(_options("logger")) == {"wandb", "none"}
     assert {"fast", "overfit"} <= set(_options("debug"))
 
@@ -89,6 +93,28 @@ def test_seed_experiment_matches_the_original_recipe(tmp_path: Path) -> None:
     assert xnor.trainer.epochs == 90
 
 
+def test_method_presets_carry_their_papers_recipes(tmp_path: Path) -> None:
+    bireal = compose_cfg(["experiment=bireal_resnet18_imagenet", "data.root=/d"], tmp_path)
+    assert (bireal.model.block, bireal.model.estimator, bireal.scale.name) == (
+        "bireal",
+        "approx_sign",
+        "magnitude_aware",
+    )
+    assert (bireal.optimizer.name, bireal.optimizer.lr, bireal.data.batch_size) == ("sgd", 0.01, 128)
+    assert list(bireal.scheduler.milestones) == [10, 15] and bireal.optimizer.weight_decay == 0
+    react = compose_cfg(["experiment=reactnet_resnet18_imagenet", "data.root=/d"], tmp_path)
+    assert (react.model.block, react.scale.name, react.distill.name) == (
+        "reactnet",
+        "magnitude_aware",
+        "distribution",
+    )
+    assert (react.optimizer.name, react.optimizer.lr, react.optimizer.lr_base_size) == ("adam", 2.5e-3, 512)
+    assert react.scheduler.name == "linear" and react.trainer.epochs == 128
+    one, two = (OmegaConf.merge(react, s) for s in react.stages.values())
+    assert (one.binarization.name, one.optimizer.weight_decay) == ("activation_only", 1e-5)
+    assert (two.binarization.name, two.optimizer.weight_decay) == ("real_downsample", 0.0)
+
+
 # preset -> (top-1 it reproduces, where that number comes from)
 REFERENCES = {
     "seed_resnet18_imagenet": (57.6, "original project README"),
@@ -97,7 +123,16 @@ REFERENCES = {
     "bwn_resnet18_imagenet": (60.8, "Rastegari et al., ECCV 2016 (XNOR-Net), Table 2"),
     "xnorpp_adam_resnet18_imagenet": (57.1, "Bulat & Tzimiropoulos, BMVC 2019 (XNOR-Net++)"),
     "xnorpp_resnet18_cifar10": (91.5, "Qin et al., CVPR 2020 (IR-Net)"),
+    "bireal_resnet18_imagenet": (56.4, "Liu et al., ECCV 2018 (Bi-Real Net)"),
+    "reactnet_resnet18_imagenet": (65.9, "Liu et al., ECCV 2020 (ReActNet)"),
 }
+
+
+def _total_epochs(cfg) -> int:
+    """``trainer.epochs``, summed over the stages of a staged preset."""
+    if not cfg.stages:
+        return cfg.trainer.epochs
+    return sum(OmegaConf.merge(cfg, stage or {}).trainer.epochs for stage in cfg.stages.values())
 
 
 def test_every_experiment_carries_the_number_it_reproduces_and_its_recipe(tmp_path: Path) -> None:
@@ -107,7 +142,7 @@ def test_every_experiment_carries_the_number_it_reproduces_and_its_recipe(tmp_pa
         cfg = compose_cfg([f"experiment={preset}", "data.root=/d"], tmp_path)
         ref = cfg.reference
         assert ref.top1 == top1 and ref.source.startswith(source), preset
-        assert (ref.data, ref.epochs) == (cfg.data.name, cfg.trainer.epochs), (
+        assert (ref.data, ref.epochs) == (cfg.data.name, _total_epochs(cfg)), (
             preset
         )  # the preset's own recipe
         short = compose_cfg([f"experiment={preset}", "data=mnist5k", "trainer.epochs=3"], tmp_path)

@@ -17,11 +17,19 @@ LAYERS: list[tuple[str, ...]] = [
     ("xnorpp.data", "xnorpp.track"),
     ("xnorpp.engine",),
     ("xnorpp.accel", "xnorpp"),  # the package's root: public names, library speed defaults
-    ("xnorpp.bench", "xnorpp.bench_loader", "xnorpp.job", "xnorpp.config_source", "xnorpp.run", "xnorpp.report"),
+    (
+        "xnorpp.bench",
+        "xnorpp.bench_loader",
+        "xnorpp.job",
+        "xnorpp.config_source",
+        "xnorpp.run",
+        "xnorpp.stages",
+        "xnorpp.report",
+    ),
 ]
 HYDRA_FREE = ("xnorpp.registry", "xnorpp.nn", "xnorpp.models", "xnorpp.data", "xnorpp.track", "xnorpp.engine",
               "xnorpp.accel", "xnorpp.export", "xnorpp.model_summary")  # fmt: skip
-TRAINING_PATH = ("xnorpp.run", "xnorpp.job", "xnorpp.accel", "xnorpp.registry", "xnorpp.engine", "xnorpp.track",
+TRAINING_PATH = ("xnorpp.run", "xnorpp.stages", "xnorpp.job", "xnorpp.accel", "xnorpp.registry", "xnorpp.engine", "xnorpp.track",
                  "xnorpp.data", "xnorpp.models", "xnorpp.nn")  # fmt: skip
 MAX_FUNCTION_LINES = 60  # signature and body; the docstring not counted
 SWITCHES = ("set_kernels", "set_int8_conv", "set_malloc_policy", "set_jemalloc_decay", "set_malloc_thresholds",

@@ -80,6 +80,7 @@ def test_binary_layers_of_each_variant(variant: str) -> None:
         "weight_only": ({(True, False)}, {(False, False)}),
         "full_binary": ({(True, True)}, {(True, True)}),
         "real_downsample": ({(True, True)}, {(False, False)}),
+        "activation_only": ({(False, True)}, {(False, False)}),
     }[variant]
     assert (flags["block"], flags["down"]) == expected
     # the stem conv and the classifier are plain real layers in every variant

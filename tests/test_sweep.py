@@ -44,7 +44,12 @@ PRESETS: dict[str, tuple[str, dict[str, str], int]] = {
     "recipe": ("sweep_recipe", {"+sweep/recipes": "sgd_cosine_restarts,adam_step,adamw_cosine",
                                 "seed": "0,1,2"}, 9),
     "downsample": ("sweep_downsample", {"binarization": "real_downsample,full_binary", "seed": "0,1,2"}, 6),
+    "methods": ("sweep_methods", {"+sweep/methods": "xnornet,xnorpp,bireal,reactnet", "seed": "0,1,2"}, 12),
 }  # fmt: skip
+# method -> (block, binarization, scale, estimator)
+METHODS = {"xnornet": ("preact", "full_binary", "xnor", "ste"), "xnorpp": ("preact", "real_downsample", "rank1", "ste"),
+           "bireal": ("bireal", "real_downsample", "magnitude_aware", "approx_sign"),
+           "reactnet": ("reactnet", "real_downsample", "magnitude_aware", "approx_sign")}  # fmt: skip
 RECIPES = {"sgd_cosine_restarts": ("sgd", "cosine_restarts", 0.1), "adam_step": ("adam", "step", 1e-3),
            "adamw_cosine": ("adamw", "cosine", 1e-3)}  # fmt: skip
 
@@ -75,6 +80,7 @@ def _results(job: Path) -> dict[str, Any]:
 def test_every_preset_is_tested() -> None:
     assert {p.stem for p in SWEEP.glob("*.yaml")} == {*PRESETS, "optuna_lr_wd"}
     assert {p.stem for p in (SWEEP / "recipes").glob("*.yaml")} == set(RECIPES)
+    assert {p.stem for p in (SWEEP / "methods").glob("*.yaml")} == set(METHODS)
 
 
 @pytest.mark.parametrize("preset", sorted(PRESETS))
@@ -110,6 +116,15 @@ def test_recipe_sets_the_optimizer_scheduler_pair(recipe: str) -> None:
         cfg = _compose(*extra, "+sweep=recipe", f"+sweep/recipes={recipe}")
         assert (cfg.optimizer.name, cfg.scheduler.name, cfg.optimizer.lr) == (optimizer, scheduler, lr), extra
     assert _compose("+sweep=recipe", f"+sweep/recipes={recipe}", "optimizer.lr=0.5").optimizer.lr == 0.5
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_method_sets_block_binarization_scale_and_estimator_only(method: str) -> None:
+    for extra in ([], EXPERIMENT):
+        cfg = _compose(*extra, "+sweep=methods", f"+sweep/methods={method}")
+        got = (cfg.model.block, cfg.binarization.name, cfg.scale.name, cfg.model.estimator)
+        assert got == METHODS[method] and cfg.model.name == "resnet18_preact_bin", extra
+        assert cfg.data.name == ("imagenet" if extra else "mnist5k")  # the run's data, optimizer, epochs
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # optuna 2.10 on SQLAlchemy 2

@@ -18,7 +18,7 @@ File format (version 1): ONE ``.safetensors`` file, self-contained, no side-car.
 - Learned scale factors are stored as their own fp32 parameters (``alpha``/``beta``/``gamma``, e.g.
   ``C + H + W`` numbers for ``rank1``), not as a precomputed ``Gamma``: smaller and the loaded
   layer is the trained layer's exact module.
-- ``xnor``/``xnor_k`` scales use ``alpha = mean|W - mean_dim1 W|`` per filter, which the signs cannot
+- ``xnor``/``xnor_k``/``magnitude_aware`` scales use ``alpha = mean|W - mean_dim1 W|`` per filter, which the signs cannot
   give back: ``<layer>.scale_factor.alpha`` stores it (fp32, ``(C_out,)``) and the loaded layer's scale
   becomes :class:`FrozenXnorScale`, which uses the stored alpha (and still computes ``K`` from the
   input for ``xnor_k``).
@@ -55,9 +55,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from . import models as _models  # noqa: F401  (registers the timm models)
+from . import models as _models  # registers the timm models; builds binarized timm models
 from .nn.conv import BinaryConv2d
-from .nn.scale import XnorScale
+from .nn.scale import ANALYTIC_SCALES, XnorScale
 
 __all__ = [
     "BIT_ORDER",
@@ -82,7 +82,7 @@ FORMAT_NAME = "xnorpp-binary-export"
 FORMAT_VERSION = 1
 METADATA_KEY = "xnorpp"
 PACKED_SUFFIX = "weight_packed"
-XNOR_SCALES = ("xnor", "xnor_k")
+XNOR_SCALES = ANALYTIC_SCALES  # alpha = mean|c| per filter: stored, the signs cannot give it back
 BIT_ORDER = (
     "per output filter, flattened over (c_in, kh, kw); element k is bit k%8 (LSB first) of byte k//8; "
     "1 = +1, 0 = -1; pad bits 0"
@@ -178,12 +178,15 @@ def is_binary_architecture(name: str) -> bool:
 def build_model_from_args(model_args: Mapping[str, Any]) -> nn.Module:
     """``timm.create_model(name, **rest, **kwargs)`` from a checkpoint's ``model_args`` (``name`` is required;
     ``kwargs``: the model's own further arguments, ``model.kwargs``); other timm models than xnorpp's
-    binary ResNets (``model=timm_resnet18``) get ``num_classes``, ``in_chans`` and ``kwargs`` only."""
+    binary ResNets (``model=timm_resnet18``) get ``num_classes``, ``in_chans`` and ``kwargs`` only, and with
+    a ``binarize`` policy (``model=timm``) are binarized by :func:`xnorpp.models.create_binarized`."""
     args = dict(model_args)
     name = args.pop("name", None)
     extra = dict(args.pop("kwargs", None) or {})
     if not name:
         raise ValueError(f"model_args has no 'name' (the timm model name); got keys {sorted(model_args)}")
+    if "binarize" in args:
+        return _models.create_binarized(model_args)
     if not is_binary_architecture(name):
         args = {k: args[k] for k in ("num_classes", "in_chans") if k in args}
     try:
@@ -302,7 +305,7 @@ def export_model(model: nn.Module, model_args: Mapping[str, Any], out: str | Pat
     _check_against_args(model, args_json, [e["name"] for e in packed_entries], xnor_alpha, shapes)
 
     a = args_json
-    binary = is_binary_architecture(a["name"])
+    binary = is_binary_architecture(a["name"]) or "binarize" in a
     input_size = getattr(model, "input_size", a.get("input_size"))
     if isinstance(input_size, int):
         input_size = [input_size, input_size]

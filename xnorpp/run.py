@@ -32,8 +32,10 @@ from .engine import (
     TrainState,
     build_optimizer,
     build_scheduler,
+    evaluate,
     lr_factor,
 )
+from .engine.distill import Distiller, load_teacher
 from .engine.distributed import DistInfo, barrier, collective_errors, init_distributed
 from .engine.loaders import build_loaders
 from .engine.loop import PRECISIONS
@@ -45,6 +47,7 @@ from .model_summary import ModelSummary, summary
 from .models import BINARIZATIONS
 from .nn import SCALES, SPATIAL_SCALES
 from .registry import import_modules
+from .stages import init_weights, run_stages
 from .track import WandbTracker, write_results
 from .track.naming import run_group, run_name, run_tags
 
@@ -55,7 +58,10 @@ __all__ = ["REQUEUE_EXIT_CODE", "Preempted", "build_model", "model_args_from_cfg
 
 # ------------------------------------------------------------------------------------------- the story
 def train(cfg: DictConfig) -> dict[str, Any]:
-    """Run one training (or evaluation, ``train=false``) job and return its results dict."""
+    """Run one training (or evaluation, ``train=false``) job and return its results dict; a config with
+    ``stages`` runs them one after the other, each a run of this function (:mod:`xnorpp.stages`)."""
+    if cfg.get("stages") and cfg.train:
+        return run_stages(cfg, train)
     started = time.time()
     import_modules(cfg.get("imports") or ())  # the user's registrations: datasets, optimizers, models, ...
     check_model_config(cfg)  # names and sizes, before touching data
@@ -111,7 +117,9 @@ def setup_runtime(cfg: DictConfig) -> Runtime:
 
 # ----------------------------------------------------------------------------------------------- model
 def model_args_from_cfg(cfg: DictConfig, num_classes: int, in_chans: int) -> dict[str, Any]:
-    """The plain ``timm.create_model`` arguments a config describes (stored in every checkpoint)."""
+    """The plain ``timm.create_model`` arguments a config describes (stored in every checkpoint); a block
+    other than ``preact`` (``model.block``), the ``model.binarize`` policy of ``model=timm`` and, for
+    ``optimizer=bop``, ``centre_weights: False`` only when they apply."""
     if cfg.binarization.name not in BINARIZATIONS:
         raise ValueError(
             f"unknown binarization {cfg.binarization.name!r}; valid choices: {', '.join(BINARIZATIONS)}"
@@ -130,12 +138,17 @@ def model_args_from_cfg(cfg: DictConfig, num_classes: int, in_chans: int) -> dic
         "stem": str(cfg.model.stem),
         "estimator": str(cfg.model.estimator),
         "kwargs": kwargs,
-    }
+        **({"block": str(cfg.model.block)} if cfg.model.get("block", "preact") != "preact" else {}),
+        **({"centre_weights": False} if cfg.optimizer.name == "bop" else {}),
+        **({"binarize": OmegaConf.to_container(cfg.model.binarize, resolve=True)} if cfg.model.get("binarize") is not None
+           else {}),
+    }  # fmt: skip
 
 
 def build_model(model_args: dict[str, Any]) -> torch.nn.Module:
     """``timm.create_model`` from stored arguments; timm's own real models ignore the binary ones."""
-    if not is_binary_architecture(model_args["name"]) and model_args["binarization"] != "fp":
+    binarizable = is_binary_architecture(model_args["name"]) or "binarize" in model_args
+    if not binarizable and model_args["binarization"] != "fp":
         log.warning(
             "model %s is real-valued: binarization=%s and scale are ignored",
             model_args["name"], model_args["binarization"],
@@ -207,7 +220,8 @@ def build_data(cfg: DictConfig, runtime: Runtime) -> Data:
 @dataclass
 class Components:
     """What a run trains and how: the model (``run_model``: wrapped for DDP or compiled, once
-    :meth:`wrap` ran), its arguments and summary, optimizer, schedule, gradient scaler and loss."""
+    :meth:`wrap` ran), its arguments and summary, optimizer, schedule, gradient scaler and loss (the
+    ``distiller``'s when ``distill`` is set), and where its first weights came from (``init_from``)."""
 
     model: torch.nn.Module
     model_args: dict[str, Any]
@@ -218,6 +232,8 @@ class Components:
     loss_fn: Any
     lr_scale: float
     run_model: torch.nn.Module | None = None
+    init_from: str | None = None
+    distiller: Distiller | None = None
 
     def wrap(self, trainer_cfg: DictConfig, runtime: Runtime) -> None:
         """DistributedDataParallel (with SyncBatchNorm if asked, CUDA only) and ``torch.compile`` if asked."""
@@ -239,6 +255,12 @@ def build_components(cfg: DictConfig, data: Data, runtime: Runtime, speed: accel
     learning rates scaled to the global batch, the per-iteration schedule, the scaler and the loss."""
     model_args = model_args_from_cfg(cfg, data.info.num_classes, data.info.in_chans)
     model = build_model(model_args)
+    mapping = getattr(model, "binarization_map", None)  # model=timm: which layers binarize() made binary
+    if mapping is not None and runtime.primary:
+        log.info("binarization map of %s:\n%s", model_args["name"], mapping.table())
+    init_from = str(cfg.init_from) if cfg.get("init_from") and cfg.train else None
+    if init_from:  # weights only; a checkpoint of this run, if any, replaces them (resume)
+        init_weights(model, init_from)
     model_summary = summary(model, model_args["input_size"], model_args["in_chans"])
     model.to(runtime.device)
     if cfg.trainer.channels_last:
@@ -250,7 +272,20 @@ def build_components(cfg: DictConfig, data: Data, runtime: Runtime, speed: accel
         log.warning("trainer.precision=%s on CPU: autocast on CPU is far slower than fp32 here", precision)
     scaler = torch.amp.GradScaler(runtime.device.type) if precision == "16" else None
     loss_fn = instantiate(cfg.loss) if cfg.get("loss") else None
-    return Components(model, model_args, model_summary, optimizer, scheduler, scaler, loss_fn, lr_scale)
+    distiller = build_distiller(cfg, data.info, runtime.device) if cfg.train else None
+    return Components(model, model_args, model_summary, optimizer, scheduler, scaler, distiller or loss_fn,
+                      lr_scale, init_from=init_from, distiller=distiller)  # fmt: skip
+
+
+def build_distiller(cfg: DictConfig, info: DatasetInfo, device: torch.device) -> Distiller | None:
+    """The ``distill`` group's loss with its teacher on ``device``, or None for ``distill=none``."""
+    d = cfg.get("distill")
+    if d is None or d.name == "none":
+        return None
+    teacher = load_teacher(str(d.teacher), info.num_classes, info.in_chans, d.get("teacher_file"))
+    return Distiller(
+        str(d.name), teacher.to(device), float(d.get("temperature", 1.0)), float(d.get("weight", 1.0))
+    )
 
 
 def build_optimization(
@@ -385,7 +420,7 @@ def run_facts(
     state: TrainState,
 ) -> dict[str, Any]:  # fmt: skip
     """What results.json records beside the metrics: sizes, arguments, choices, rates, where things are."""
-    s = parts.summary
+    s, mapping = parts.summary, getattr(parts.model, "binarization_map", None)
     return {
         "params/binary": s.params_binary, "params/real": s.params_real, "params/total": s.params_total,
         "model/memory_mb": s.memory_bytes / 2**20, "model/compression": s.compression, "model/ops": s.ops,
@@ -395,8 +430,21 @@ def run_facts(
         "lr_scale": parts.lr_scale, "run_dir": str(runtime.out_dir.resolve()), "wandb_dir": tracker.run_dir,
         "wandb_mode": tracker.status,
         **state.attempts.to_dict(),  # wall_time_s over every attempt, attempts, requeues
-        "world_size": runtime.dist.world_size,
+        "world_size": runtime.dist.world_size, "init_from": parts.init_from,
+        **({"distill": distill_facts(cfg, runtime, data, parts.distiller)} if parts.distiller else {}),
+        **({"binarization_map": mapping.rows()} if mapping is not None else {}),
     }  # fmt: skip
+
+
+def distill_facts(cfg: DictConfig, runtime: Runtime, data: Data, distiller: Distiller) -> dict[str, Any]:
+    """What results.json says of the distillation: its settings and the teacher's own val top-1."""
+    t = cfg.trainer
+    limit = int(t.limit_val_batches) if t.limit_val_batches else None
+    teacher = evaluate(distiller.teacher, data.val_loader, device=runtime.device, precision=str(t.precision),
+                       channels_last=bool(t.channels_last), max_steps=limit)  # fmt: skip
+    settings = OmegaConf.to_container(cfg.distill, resolve=True)
+    assert isinstance(settings, dict)
+    return {**settings, "teacher_val_top1": teacher["val/top1"]}
 
 
 FINAL_KEYS = ("val/top1", "val/top5", "val/loss", "train/loss", "train/top1")

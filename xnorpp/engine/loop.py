@@ -124,7 +124,9 @@ def train_one_epoch(
     the step), the fractional ``epoch`` and ``train/lr``; every ``log_every`` steps also the batch's
     ``train/loss``, ``train/top1_batch`` and ``train/img_per_s`` (reading the loss waits for the device,
     so not every step); health rows when ``health`` is due. ``loss_fn(logits, target)`` is the training
-    loss (cross-entropy if ``None``). Returns mean loss, top-1 (percent), images/s.
+    loss (cross-entropy if ``None``); a loss with ``takes_inputs = True`` is called as
+    ``loss_fn(logits, target, images)`` (distillation: its teacher runs on the batch inside the step, so
+    its time counts in img/s). Returns mean loss, top-1 (percent), images/s.
     """
     epoch = _Epoch(
         model, loader, optimizer, scheduler, state, device=device, epochs=epochs, precision=precision, scaler=scaler,
@@ -189,7 +191,9 @@ class _Epoch:
             health.capture = True
         with autocast(self.device, o["precision"]):
             logits = self.model(images)
-            loss = o["loss_fn"](logits.float(), target)
+            scores = logits.float()
+            with_inputs = getattr(o["loss_fn"], "takes_inputs", False)
+            loss = o["loss_fn"](scores, target, images) if with_inputs else o["loss_fn"](scores, target)
         stop, nonfinite_ranks = self.pool_decisions(loss)
         if nonfinite_ranks:
             if measure:  # no step, no measurement: the capture ends with this forward

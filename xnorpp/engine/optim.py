@@ -4,7 +4,7 @@ Parameter groups (:func:`param_groups`): the latent weights of binary convolutio
 factor get ``binary_weight_decay`` (0 in the original); everything else (stem, real downsample convs,
 BatchNorm affine, classifier) gets ``weight_decay``.
 
-``optimizer.name`` is looked up in :data:`OPTIMIZERS` (built in: ``sgd``, ``adam``, ``adamw``), then among
+``optimizer.name`` is looked up in :data:`OPTIMIZERS` (built in: ``sgd``, ``adam``, ``adamw``, ``bop``), then among
 timm's optimizers (``lamb``, ``lion``, ``adabelief``, ... :func:`timm.optim.list_optimizers`), created by
 :func:`timm.optim.create_optimizer_v2` over the same groups. ``scheduler.name`` likewise in
 :data:`SCHEDULERS`, then timm's :func:`~timm.scheduler.create_scheduler_v2` (``poly``, ``tanh``, ...),
@@ -15,6 +15,9 @@ stepped every iteration. Add your own from any module::
     @OPTIMIZERS.register("my_sgd")
     def my_sgd(groups, *, lr, momentum=0.9, **unused):  # groups: the two weight-decay groups
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+A factory that takes a ``model`` argument gets the model too (``bop``: its binary weights are found by
+layer, not by group).
 
 An option the chosen optimizer or schedule does not take (``nesterov`` after ``optimizer.name=lamb`` on
 the ``sgd`` preset) is left out with a warning that names it.
@@ -29,12 +32,19 @@ from typing import Any
 
 import torch
 from timm.optim import create_optimizer_v2, get_optimizer_class, list_optimizers
-from timm.scheduler import CosineLRScheduler, MultiStepLRScheduler, StepLRScheduler, create_scheduler_v2
+from timm.scheduler import (
+    CosineLRScheduler,
+    MultiStepLRScheduler,
+    PolyLRScheduler,
+    StepLRScheduler,
+    create_scheduler_v2,
+)
 from timm.scheduler.scheduler import Scheduler
 from torch import nn
 
 from ..nn import BinaryConv2d, ScaleFactor
 from ..registry import Registry
+from .bop import build_bop
 
 __all__ = [
     "LR_SCALES",
@@ -117,7 +127,8 @@ def build_optimizer(
     groups = param_groups(model, weight_decay, binary_weight_decay)
     if name in OPTIMIZERS:
         factory = OPTIMIZERS[name]
-        return factory(groups, lr=lr, **_accepted(factory, options, f"optimizer {name}"))
+        given = {**options, "model": model} if "model" in inspect.signature(factory).parameters else options
+        return factory(groups, lr=lr, **_accepted(factory, given, f"optimizer {name}"))
     if str(name).lower() not in list_optimizers():
         raise ValueError(
             f"unknown optimizer {name!r} (optimizer.name): neither one of {', '.join(OPTIMIZERS)} nor timm's "
@@ -149,6 +160,17 @@ def _adamw(
     groups: list[dict[str, Any]], *, lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
 ) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+@OPTIMIZERS.register("bop")
+def _bop(
+    groups: list[dict[str, Any]], *, model: nn.Module, lr: float, betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8, gamma: float = 1e-4, threshold: float = 1e-8,
+) -> torch.optim.Optimizer:  # fmt: skip
+    """Bop (``gamma``, ``threshold``) for the binary weights, Adam (``lr``) for the rest, with the weight
+    decays of ``groups`` (:mod:`xnorpp.engine.bop`)."""
+    decay = {g["name"]: g["weight_decay"] for g in groups}
+    return build_bop(model, lr, decay["real"], decay.get("binary", 0.0), tuple(betas), eps, gamma, threshold)
 
 
 def build_scheduler(
@@ -247,3 +269,14 @@ def _constant(
     return StepLRScheduler(
         optimizer, decay_t=10**12, decay_rate=1.0, **_common(updates_per_epoch, warmup_epochs, warmup_lr)
     )
+
+
+@SCHEDULERS.register("linear")
+def _linear(
+    optimizer: torch.optim.Optimizer, *, epochs: int, updates_per_epoch: int, min_lr: float = 0.0,
+    warmup_epochs: float = 0.0, warmup_lr: float = 0.0,
+) -> Scheduler:  # fmt: skip
+    """A straight line from the base LR to ``min_lr`` over all epochs (ReActNet's schedule)."""
+    common = _common(updates_per_epoch, warmup_epochs, warmup_lr)
+    t_initial = max(1, epochs * updates_per_epoch - common["warmup_t"])
+    return PolyLRScheduler(optimizer, t_initial=t_initial, power=1.0, lr_min=min_lr, **common)

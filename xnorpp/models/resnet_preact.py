@@ -10,11 +10,13 @@ Basic block (docs/method.md)::
 
 Downsample shortcut: avg-pool 2x2 stride 2 -> 1x1 conv -> BN. Stem (7x7/2 conv, BN, ReLU, 3x3/2
 max-pool, or a 3x3/1 conv without pooling for small images) and classifier stay real-valued.
+
+``block`` swaps the block for another method's (:data:`~xnorpp.models.blocks.BLOCKS`: ``preact``,
+``bireal``, ``reactnet``) on the same skeleton.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -23,9 +25,12 @@ from torch import Tensor, nn
 
 from ..nn import SPATIAL_SCALES, BinaryConv2d, MaxPool2d, conv_output_size
 from ..nn.scale import check_scale
+from .blocks import BLOCKS, PreActBasicBlock
+from .variants import BINARIZATIONS, Binarization, get_binarization
 
 __all__ = [
     "BINARIZATIONS",
+    "BLOCKS",
     "STEMS",
     "Binarization",
     "PreActBasicBlock",
@@ -34,37 +39,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class Binarization:
-    """Which parts of the network are binary (docs/method.md, the variant table)."""
-
-    name: str
-    weights: bool
-    inputs: bool
-    downsample: bool
-
-    @property
-    def any(self) -> bool:
-        return self.weights or self.inputs
-
-
-BINARIZATIONS: dict[str, Binarization] = {
-    "fp": Binarization("fp", weights=False, inputs=False, downsample=False),
-    "weight_only": Binarization("weight_only", weights=True, inputs=False, downsample=False),
-    "full_binary": Binarization("full_binary", weights=True, inputs=True, downsample=True),
-    "real_downsample": Binarization("real_downsample", weights=True, inputs=True, downsample=False),
-}
 STEMS: tuple[str, ...] = ("imagenet", "small")
-
-
-def get_binarization(name: str) -> Binarization:
-    """The variant called ``name``; a ``ValueError`` lists the valid ones otherwise."""
-    try:
-        return BINARIZATIONS[name]
-    except KeyError:
-        raise ValueError(
-            f"unknown binarization {name!r}; valid choices: {', '.join(BINARIZATIONS)}"
-        ) from None
 
 
 def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -73,77 +48,6 @@ def _size2(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
     if len(size) != 2:
         raise ValueError(f"input_size must be an int or (H, W), got {size!r}")
     return (int(size[0]), int(size[1]))
-
-
-def _conv(
-    cin: int,
-    cout: int,
-    k: int,
-    stride: int,
-    in_size: tuple[int, int],
-    binary: bool,
-    inputs: bool,
-    scale: str,
-    estimator: str,
-) -> BinaryConv2d:
-    pad = k // 2
-    out_size = conv_output_size(in_size, k, stride, pad)
-    return BinaryConv2d(
-        cin, cout, k, stride=stride, padding=pad, bias=False,
-        binarize_weights=binary, binarize_inputs=binary and inputs,
-        scale=scale if binary else "none", estimator=estimator, output_size=out_size,
-    )  # fmt: skip
-
-
-class PreActBasicBlock(nn.Module):
-    """The original project's pre-activation basic block with binary 3x3 convolutions."""
-
-    expansion = 1
-
-    def __init__(
-        self,
-        cin: int,
-        cout: int,
-        stride: int,
-        in_size: tuple[int, int],
-        variant: Binarization,
-        scale: str,
-        estimator: str,
-    ) -> None:
-        super().__init__()
-        binary, inputs = variant.weights, variant.inputs
-        self.out_size = conv_output_size(in_size, 3, stride, 1)
-        self.bn1 = nn.BatchNorm2d(cin)
-        self.conv1 = _conv(cin, cout, 3, stride, in_size, binary, inputs, scale, estimator)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.conv2 = _conv(cout, cout, 3, 1, self.out_size, binary, inputs, scale, estimator)
-        self.bn3 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample: nn.Module | None = None
-        if stride != 1 or cin != cout:
-            pool = (
-                nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False)
-                if stride != 1
-                else nn.Identity()
-            )
-            pooled = self.out_size  # ceil_mode keeps odd sizes aligned with conv1's output
-            ds_binary = binary and variant.downsample
-            self.downsample = nn.Sequential(
-                pool,
-                _conv(cin, cout, 1, 1, pooled, ds_binary, inputs, scale, estimator),
-                nn.BatchNorm2d(cout),
-            )
-
-    def forward(self, x: Tensor) -> Tensor:
-        identity = x
-        h = self.bn1(x)
-        if self.downsample is not None:
-            identity = self.downsample(h)
-        h = self.relu(self.conv1(h))
-        h = self.bn2(h)
-        h = self.conv2(h)
-        h = self.bn3(h)
-        return self.relu(h + identity)
 
 
 class PreActBinaryResNet(nn.Module):
@@ -159,6 +63,9 @@ class PreActBinaryResNet(nn.Module):
         stem: ``imagenet`` (7x7/2 conv + 3x3/2 max-pool) or ``small`` (3x3/1 conv, no pooling).
         estimator: activation gradient (``xnorpp.nn.ACTIVATION_ESTIMATORS``).
         widths: channels per stage.
+        block: the residual block (``xnorpp.models.BLOCKS``: ``preact``, ``bireal``, ``reactnet``).
+        centre_weights: binarize ``W - mean_dim1 W`` (``None``: the block's default; the Bop optimizer
+            needs ``False``, its latent weights being the binary weights themselves).
     """
 
     def __init__(
@@ -172,15 +79,20 @@ class PreActBinaryResNet(nn.Module):
         stem: str = "imagenet",
         estimator: str = "ste",
         widths: tuple[int, ...] = (64, 128, 256, 512),
+        block: str = "preact",
+        centre_weights: bool | None = None,
     ) -> None:
         super().__init__()
         variant = get_binarization(binarization)
+        block_cls = BLOCKS.get(block)
+        centre = block_cls.centre_weights if centre_weights is None else bool(centre_weights)
         check_scale(scale)
         if stem not in STEMS:
             raise ValueError(f"unknown stem {stem!r}; valid choices: {', '.join(STEMS)}")
         if len(layers) != 4 or len(widths) != 4:
             raise ValueError(f"four stages expected, got layers={tuple(layers)} widths={tuple(widths)}")
         self.binarization = variant.name
+        self.block = block
         self.scale = scale if variant.any else "none"
         self.stem_type = stem
         self.input_size = _size2(input_size)
@@ -197,7 +109,7 @@ class PreActBinaryResNet(nn.Module):
             self.maxpool = nn.Identity()
             size = self.input_size
         self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU(inplace=True)
+        self.relu: nn.Module = nn.ReLU(inplace=True) if block_cls.stem_relu else nn.Identity()
 
         stages = []
         cin = widths[0]
@@ -205,10 +117,10 @@ class PreActBinaryResNet(nn.Module):
             blocks = []
             for j in range(n):
                 stride = 2 if (i > 0 and j == 0) else 1
-                block = PreActBasicBlock(cin, cout, stride, size, variant, self.scale, estimator)
-                size = block.out_size
+                unit = block_cls(cin, cout, stride, size, variant, self.scale, estimator, centre)
+                size = unit.out_size
                 cin = cout
-                blocks.append(block)
+                blocks.append(unit)
             stages.append(nn.Sequential(*blocks))
         self.layer1, self.layer2, self.layer3, self.layer4 = stages
         self.final_size = size
@@ -219,10 +131,12 @@ class PreActBinaryResNet(nn.Module):
     def _init_weights(self) -> None:
         """As the original project: real-valued convs (stem, real downsample 1x1, every conv of ``fp``)
         Kaiming normal in PyTorch's default ``fan_in`` mode, ``std = sqrt(2 / (C_in k^2))`` (stem:
-        0.116 for 3 channels); binary latent weights keep ``BinaryConv2d``'s uniform [0, 1e-3);
+        0.116 for 3 channels); binary latent weights keep ``BinaryConv2d``'s uniform [0, 1e-3), which
+        only centring turns into mixed signs: uncentred ones start Kaiming normal too;
         BatchNorm weight 1, bias 0."""
         for m in self.modules():
-            if isinstance(m, nn.Conv2d) and not getattr(m, "binarize_weights", False):
+            binary = getattr(m, "binarize_weights", False) and getattr(m, "centre_weights", True)
+            if isinstance(m, nn.Conv2d) and not binary:
                 nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             elif isinstance(m, nn.BatchNorm2d):
                 nn.init.ones_(m.weight)

@@ -14,6 +14,10 @@ name               case  Gamma                                     parameters pe
 ``rank1``          4     ``alpha (C,1,1) * beta (1,H,1) * gamma (1,1,W)``  ``C + H + W``
 =================  ====  ========================================  ===========================
 
+``magnitude_aware`` is XNOR-Net's ``alpha`` held constant in the backward pass: Bi-Real Net's
+magnitude-aware binary weight ``alpha sign(W)`` (larq's ``MagnitudeAwareSign``, also ReActNet's), moved
+from the weight to the output, where a per-filter factor gives the same values and gradients.
+
 All learned factors start at 1. ``Gamma`` is formed once from its small factors and multiplies the
 activation once, so only one activation-sized buffer is kept for backward.
 """
@@ -28,6 +32,7 @@ from torch import Tensor, nn
 from torch.nn.modules.utils import _pair
 
 __all__ = [
+    "ANALYTIC_SCALES",
     "LEARNED_SCALES",
     "SCALES",
     "SPATIAL_SCALES",
@@ -51,7 +56,8 @@ def conv_output_size(
 
 LEARNED_SCALES: tuple[str, ...] = ("channel", "full", "channel_spatial", "rank1")
 SPATIAL_SCALES: tuple[str, ...] = ("full", "channel_spatial", "rank1")
-SCALES: tuple[str, ...] = ("none", "xnor", "xnor_k", *LEARNED_SCALES)
+SCALES: tuple[str, ...] = ("none", "xnor", "xnor_k", *LEARNED_SCALES, "magnitude_aware")
+ANALYTIC_SCALES: tuple[str, ...] = ("xnor", "xnor_k", "magnitude_aware")  # alpha = mean|W|, no parameters
 SCALE_CASES: dict[str, int] = {"channel": 1, "full": 2, "channel_spatial": 3, "rank1": 4}
 
 
@@ -86,7 +92,8 @@ class XnorScale(ScaleFactor):
     """XNOR-Net's analytic scale: ``alpha = mean|W|`` per output filter, optionally times ``K``.
 
     ``K = boxfilter(mean_c |I|)`` with the convolution's own kernel size, stride, padding and dilation
-    (zero padding counted in the mean, as a convolution with a ``1/(kh*kw)`` kernel).
+    (zero padding counted in the mean, as a convolution with a ``1/(kh*kw)`` kernel). ``detach``: no
+    gradient through ``alpha`` (the ``magnitude_aware`` scale).
     """
 
     def __init__(
@@ -96,10 +103,14 @@ class XnorScale(ScaleFactor):
         stride: tuple[int, int] = (1, 1),
         padding: tuple[int, int] | str = (0, 0),
         dilation: tuple[int, int] = (1, 1),
+        detach: bool = False,
     ) -> None:
         super().__init__()
+        if with_k and detach:
+            raise ValueError("the magnitude-aware scale has no K map: pass with_k=False with detach=True")
         self.with_k = with_k
-        self.name = "xnor_k" if with_k else "xnor"
+        self.detach = detach
+        self.name = "magnitude_aware" if detach else "xnor_k" if with_k else "xnor"
         self.kernel_size = kernel_size
         self.stride = stride
         self.padding = padding
@@ -107,6 +118,8 @@ class XnorScale(ScaleFactor):
 
     def forward(self, y: Tensor, weight: Tensor, x: Tensor) -> Tensor:
         alpha = weight.abs().mean(dim=(1, 2, 3)).view(1, -1, 1, 1)
+        if self.detach:
+            alpha = alpha.detach()
         if not self.with_k:
             return y * alpha.to(y.dtype)
         a = x.abs().mean(dim=1, keepdim=True)
@@ -181,6 +194,8 @@ def build_scale(
     check_scale(name)
     if name == "none":
         return NoScale()
-    if name in ("xnor", "xnor_k"):
-        return XnorScale(name == "xnor_k", kernel_size, stride, padding, dilation)
+    if name in ANALYTIC_SCALES:
+        return XnorScale(
+            name == "xnor_k", kernel_size, stride, padding, dilation, detach=name == "magnitude_aware"
+        )
     return LearnedScale(name, channels, out_size)

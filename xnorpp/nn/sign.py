@@ -9,27 +9,46 @@ tensor ternary). The estimators differ only in the backward pass:
 - ``approx_sign``: Bi-Real Net's piecewise-polynomial derivative (Liu et al. 2018, arXiv 1808.00278):
   ``d/dx = 2 - 2|x|`` for ``|x| <= 1`` else 0.
 - ``identity``: plain straight-through (``d/dx = 1`` everywhere), for ablations.
+- ``swish_sign``: BNN+'s SignSwish derivative (Darabi et al. 2018, arXiv 1812.11800), a smooth bump of
+  width ``~1/beta``: ``d/dx = beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))``, ``beta = 5``.
 
 Weights use :func:`weight_sign`: centre the latent weight over the input-channel dimension
 (``c = W - mean_dim1(W)``, in the graph), forward ``sign(c)``, backward the gradient of
-``clamp(c, -1, 1)`` (the original project's scheme).
+``clamp(c, -1, 1)`` (the original project's scheme). :func:`magnitude_aware_sign` is Bi-Real Net's weight
+binarizer, ``mean|W| sign(W)`` per output filter with the mean held constant in the backward pass.
+
+Each binarizer also exists as a small named module (:class:`SteSign`, :class:`ApproxSign`,
+:class:`SwishSign`, :class:`MagnitudeAwareSign`, the names larq gives them) that carries its bit width
+and alias, registered in :data:`QUANTIZERS`; configs pick activation gradients by the names of
+:data:`ACTIVATION_ESTIMATORS`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+
+from ..registry import Registry
 
 __all__ = [
     "ACTIVATION_ESTIMATORS",
+    "QUANTIZERS",
+    "ApproxSign",
+    "MagnitudeAwareSign",
+    "Quantizer",
+    "SteSign",
+    "SwishSign",
     "approx_sign",
     "binary_sign",
     "centre_weight",
     "get_estimator",
     "identity_sign",
+    "magnitude_aware_sign",
     "sign_ste",
+    "swish_sign",
     "weight_sign",
 ]
 
@@ -127,17 +146,137 @@ def weight_sign(weight: Tensor, centre: bool = True) -> Tensor:
     return _WeightSign.apply(c)
 
 
-ACTIVATION_ESTIMATORS: dict[str, Callable[[Tensor], Tensor]] = {
-    "ste": sign_ste,
-    "approx_sign": approx_sign,
-    "identity": identity_sign,
-}
+class _SwishSign(torch.autograd.Function):
+    """sign forward, SignSwish backward ``beta (2 - beta x tanh(beta x / 2)) / (1 + cosh(beta x))``."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, beta: float) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(x)
+        ctx.beta = float(beta)
+        return binary_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (x,) = ctx.saved_tensors
+        bx = (ctx.beta * x).clamp(-80.0, 80.0)  # cosh overflows fp32 beyond ~89; the gradient is 0 there
+        return grad * ctx.beta * (2.0 - bx * torch.tanh(bx / 2)) / (1.0 + torch.cosh(bx)), None
+
+
+def swish_sign(x: Tensor, beta: float = 5.0) -> Tensor:
+    """Binary activation with BNN+'s SignSwish gradient: ``beta`` at 0, slightly negative lobes around
+    ``|x| = 3.45 / beta``, vanishing beyond ``|x| ~ 8 / beta``."""
+    return _SwishSign.apply(x, beta)
+
+
+def magnitude_aware_sign(weight: Tensor, clip_value: float = 1.0) -> Tensor:
+    """Bi-Real Net's magnitude-aware binary weight (Liu et al. 2018): ``alpha sign(W)``, ``alpha = mean|W|``
+    per output filter (dim 0), the straight-through gradient clipped at ``|W| <= clip_value`` and scaled by
+    ``alpha``, which is a constant of the backward pass (larq's ``MagnitudeAwareSign``).
+
+    A per-filter factor commutes with a convolution, so a :class:`~xnorpp.nn.BinaryConv2d` reproduces it
+    exactly with ``scale="magnitude_aware"`` (the factor on the output, the weights stay +-1 for export).
+    """
+    dims = tuple(range(1, weight.dim()))
+    alpha = weight.detach().abs().mean(dim=dims, keepdim=True)
+    inside = (weight.detach().abs() <= clip_value).to(weight.dtype)
+    ste = weight * inside + (binary_sign(weight.detach()) - weight * inside).detach()
+    return alpha * ste
+
+
+ACTIVATION_ESTIMATORS: Registry[Callable[[Tensor], Tensor]] = Registry(
+    "activation estimator", "model.estimator", "xnorpp.nn.ACTIVATION_ESTIMATORS"
+)
+ACTIVATION_ESTIMATORS.register("ste")(sign_ste)
+ACTIVATION_ESTIMATORS.register("approx_sign")(approx_sign)
+ACTIVATION_ESTIMATORS.register("identity")(identity_sign)
+ACTIVATION_ESTIMATORS.register("swish_sign")(swish_sign)
 
 
 def get_estimator(name: str) -> Callable[[Tensor], Tensor]:
     """The activation binarizer registered under ``name`` (see :data:`ACTIVATION_ESTIMATORS`)."""
-    try:
-        return ACTIVATION_ESTIMATORS[name]
-    except KeyError:
-        valid = ", ".join(sorted(ACTIVATION_ESTIMATORS))
-        raise ValueError(f"unknown activation estimator {name!r}; valid choices: {valid}") from None
+    return ACTIVATION_ESTIMATORS.get(name)
+
+
+# ------------------------------------------------------------------------------- named quantizers
+QUANTIZERS: Registry[type[Quantizer]] = Registry("quantizer", "a quantizer alias", "xnorpp.nn.QUANTIZERS")
+
+
+class Quantizer(nn.Module):
+    """A binarizer as a module: ``precision`` (bits) and ``alias`` (the registry name) for configs and
+    summaries; ``forward`` is the function of the same name. ``estimator`` names the equivalent choice of
+    :data:`ACTIVATION_ESTIMATORS` (``model.estimator``), ``None`` for weight quantizers."""
+
+    precision: int = 1
+    alias: str = ""
+    estimator: str | None = None
+
+    def extra_repr(self) -> str:
+        return f"alias={self.alias!r}, precision={self.precision}"
+
+
+@QUANTIZERS.register("ste_sign")
+class SteSign(Quantizer):
+    """``sign(x)``, gradient 1 where ``|x| <= clip_value`` (BNN, Hubara et al. 2016); ``None``: unclipped.
+
+    ``clip_value=1`` is the estimator ``ste``, ``None`` the estimator ``identity``.
+    """
+
+    alias = "ste_sign"
+
+    def __init__(self, clip_value: float | None = 1.0) -> None:
+        super().__init__()
+        if clip_value is not None and not clip_value > 0:
+            raise ValueError(f"clip_value must be positive or None, got {clip_value}")
+        self.clip_value = None if clip_value is None else float(clip_value)
+        self.estimator = {1.0: "ste", None: "identity"}.get(self.clip_value)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.clip_value is None:
+            return identity_sign(x)
+        if self.clip_value == 1.0:
+            return sign_ste(x)
+        inside = (x.detach().abs() <= self.clip_value).to(x.dtype)
+        return x * inside + (binary_sign(x.detach()) - x * inside).detach()
+
+
+@QUANTIZERS.register("approx_sign")
+class ApproxSign(Quantizer):
+    """``sign(x)`` with Bi-Real Net's ApproxSign gradient ``2 - 2|x|`` on ``|x| <= 1`` (estimator ``approx_sign``)."""
+
+    alias = "approx_sign"
+    estimator = "approx_sign"
+
+    def forward(self, x: Tensor) -> Tensor:
+        return approx_sign(x)
+
+
+@QUANTIZERS.register("swish_sign")
+class SwishSign(Quantizer):
+    """``sign(x)`` with BNN+'s SignSwish gradient; ``beta`` sets its width (estimator ``swish_sign`` at 5)."""
+
+    alias = "swish_sign"
+
+    def __init__(self, beta: float = 5.0) -> None:
+        super().__init__()
+        if not (beta > 0 and math.isfinite(beta)):
+            raise ValueError(f"beta must be a positive number, got {beta}")
+        self.beta = float(beta)
+        self.estimator = "swish_sign" if self.beta == 5.0 else None
+
+    def forward(self, x: Tensor) -> Tensor:
+        return swish_sign(x, self.beta)
+
+
+@QUANTIZERS.register("magnitude_aware_sign")
+class MagnitudeAwareSign(Quantizer):
+    """Bi-Real Net's weight binarizer ``mean|W| sign(W)`` per output filter (:func:`magnitude_aware_sign`);
+    in a ``BinaryConv2d`` it is ``scale="magnitude_aware"``."""
+
+    alias = "magnitude_aware_sign"
+
+    def __init__(self, clip_value: float = 1.0) -> None:
+        super().__init__()
+        self.clip_value = float(clip_value)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return magnitude_aware_sign(weight, self.clip_value)
