@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import signal
 import sys
 from types import ModuleType
 
@@ -98,9 +99,16 @@ def _share_run_dir_across_ranks(argv: list[str]) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    from xnorpp.run import train
+    from xnorpp.run import Preempted, train
 
-    results = train(cfg)
+    try:
+        results = train(cfg)
+    except Preempted:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # the ranks agreed to exit for a requeue; torchrun (or srun) terminates the ranks still exiting when
+            # the first one is gone: that SIGTERM must not turn this rank's requeue exit code into a kill
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
     metric = results.get("best/val/top1") if cfg.train else results.get("val/top1")
     return None if metric is None else float(metric)
 
