@@ -209,3 +209,24 @@ def test_model_timm_trains_from_the_command_line_config(make_cfg) -> None:
     rows = results["binarization_map"]
     assert rows[0]["role"] == "first" and not rows[0]["binarize_weights"]
     assert results["params/binary"] == sum(r["weight_params"] for r in rows if r["binarize_weights"]) > 0
+
+
+def test_model_kwargs_reach_the_binarized_timm_model_and_checkpoints_compare_the_method_keys(
+    tmp_path: Path,
+) -> None:
+    """``model.kwargs`` are timm's arguments for ``model=timm`` too; a checkpoint of another block, policy or
+    weight centring (Bop's) is refused instead of loading into a model that computes something else."""
+    from xnorpp.engine.checkpoint import CheckpointError
+    from xnorpp.engine.checkpointer import Checkpointer
+    from xnorpp.export import build_model_from_args
+
+    args = {"name": "resnet10t", "binarization": "full_binary", "scale": "channel", "num_classes": 3,
+            "in_chans": 3, "input_size": 32, "estimator": "ste", "binarize": {}, "kwargs": {"drop_rate": 0.5}}  # fmt: skip
+    assert build_model_from_args(args).drop_rate == 0.5
+    base = {"name": "resnet18_preact_bin", "binarization": "full_binary", "scale": "rank1"}
+    for changed in ({"block": "bireal"}, {"centre_weights": False}, {"binarize": {"linear": True}}):
+        with pytest.raises(CheckpointError, match=next(iter(changed))):
+            Checkpointer.check_model({"model_args": {**base, **changed}}, base, tmp_path / "c.pt")
+    Checkpointer.check_model(
+        {"model_args": {**base, "block": "preact"}}, base, tmp_path / "c.pt"
+    )  # the default

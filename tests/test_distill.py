@@ -84,3 +84,16 @@ def test_kd_from_an_fp_run_of_this_framework_trains(make_cfg, tmp_path: Path) ->
     assert record["teacher_val_top1"] == pytest.approx(fp["val/top1"])  # the fp run, on the same images
     with pytest.raises(Exception, match="teacher"):
         train(make_cfg("distill=kd", out=tmp_path / "no_teacher"))  # distill.teacher is required
+
+
+def test_kd_hard_term_is_the_runs_loss() -> None:
+    """``distill=kd`` keeps the configured ``loss`` (label smoothing here) as its hard term."""
+    teacher = nn.Linear(3, 3)
+    smooth = nn.CrossEntropyLoss(label_smoothing=0.2)
+    d = Distiller("kd", teacher, temperature=2.0, weight=0.25, hard_loss=smooth)
+    x = torch.randn(2, 3)
+    with torch.no_grad():
+        t = teacher(x)
+    soft = F.kl_div(F.log_softmax(S / 2, 1), F.log_softmax(t / 2, 1), reduction="batchmean", log_target=True)
+    assert float(d(S, Y, x)) == pytest.approx(float(0.75 * smooth(S, Y) + 0.25 * 4 * soft), rel=1e-6)
+    assert float(smooth(S, Y)) != pytest.approx(float(F.cross_entropy(S, Y)))  # the smoothing shows

@@ -272,20 +272,28 @@ def build_components(cfg: DictConfig, data: Data, runtime: Runtime, speed: accel
         log.warning("trainer.precision=%s on CPU: autocast on CPU is far slower than fp32 here", precision)
     scaler = torch.amp.GradScaler(runtime.device.type) if precision == "16" else None
     loss_fn = instantiate(cfg.loss) if cfg.get("loss") else None
-    distiller = build_distiller(cfg, data.info, runtime.device) if cfg.train else None
+    distiller = build_distiller(cfg, data.info, runtime.device, loss_fn) if cfg.train else None
     return Components(model, model_args, model_summary, optimizer, scheduler, scaler, distiller or loss_fn,
                       lr_scale, init_from=init_from, distiller=distiller)  # fmt: skip
 
 
-def build_distiller(cfg: DictConfig, info: DatasetInfo, device: torch.device) -> Distiller | None:
-    """The ``distill`` group's loss with its teacher on ``device``, or None for ``distill=none``."""
+def build_distiller(
+    cfg: DictConfig, info: DatasetInfo, device: torch.device, loss_fn: Any = None
+) -> Distiller | None:
+    """The ``distill`` group's loss with its teacher on ``device``, or None for ``distill=none``; ``kd``'s
+    hard term is the run's ``loss``, ``distribution`` uses no labels (and says so if ``loss`` was changed)."""
     d = cfg.get("distill")
     if d is None or d.name == "none":
         return None
+    if d.name == "distribution" and cfg.get("loss") and OmegaConf.to_container(cfg.loss) != _DEFAULT_LOSS:
+        log.warning("distill=distribution trains on the teacher's distribution only: loss=%s is not used",
+                    OmegaConf.to_container(cfg.loss))  # fmt: skip
     teacher = load_teacher(str(d.teacher), info.num_classes, info.in_chans, d.get("teacher_file"))
-    return Distiller(
-        str(d.name), teacher.to(device), float(d.get("temperature", 1.0)), float(d.get("weight", 1.0))
-    )
+    return Distiller(str(d.name), teacher.to(device), float(d.get("temperature", 1.0)), float(d.get("weight", 1.0)),
+                     hard_loss=loss_fn)  # fmt: skip
+
+
+_DEFAULT_LOSS = {"_target_": "torch.nn.CrossEntropyLoss", "label_smoothing": 0.0}
 
 
 def build_optimization(

@@ -22,8 +22,9 @@ log = logging.getLogger("xnorpp")
 
 # the model arguments a checkpoint must share with the config that resumes or evaluates it
 MODEL_KEYS = ("name", "binarization", "scale", "num_classes", "in_chans", "input_size", "stem", "estimator",
-              "kwargs")  # fmt: skip
-_ABSENT: dict[str, Any] = {"kwargs": {}}  # what a checkpoint written before a key existed means by it
+              "kwargs", "block", "centre_weights", "binarize")  # fmt: skip
+# what model arguments without a key mean by it (older checkpoints; keys stored only when they apply)
+_ABSENT: dict[str, Any] = {"kwargs": {}, "block": "preact", "centre_weights": None, "binarize": None}
 
 
 class Checkpointer:

@@ -14,6 +14,7 @@ without gradients, inside the training step: its forward is part of the step's t
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,15 +31,17 @@ DISTILLERS: Registry[Any] = Registry("distillation", "distill", "xnorpp.engine.d
 
 
 def kd_loss(
-    student: Tensor, teacher: Tensor, target: Tensor, temperature: float = 4.0, weight: float = 0.9
-) -> Tensor:
+    student: Tensor, teacher: Tensor, target: Tensor, temperature: float = 4.0, weight: float = 0.9,
+    hard_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+) -> Tensor:  # fmt: skip
     """``(1 - weight) CE(student, target) + weight T^2 KL(softmax(teacher / T) || softmax(student / T))``;
-    the ``T^2`` keeps the soft term's gradient on the scale of the hard one (Hinton et al. 2015)."""
+    the ``T^2`` keeps the soft term's gradient on the scale of the hard one (Hinton et al. 2015).
+    ``hard_loss(student, target)`` replaces the cross-entropy of the hard term (the run's ``loss``)."""
     t = float(temperature)
     soft = F.kl_div(
         F.log_softmax(student / t, 1), F.log_softmax(teacher / t, 1), reduction="batchmean", log_target=True
     )
-    hard = F.cross_entropy(student, target) if weight < 1 else student.new_zeros(())
+    hard = (hard_loss or F.cross_entropy)(student, target) if weight < 1 else student.new_zeros(())
     return (1.0 - weight) * hard + weight * t * t * soft
 
 
@@ -60,7 +63,10 @@ class Distiller:
 
     takes_inputs = True  # the training step passes the batch (xnorpp.engine.loop)
 
-    def __init__(self, name: str, teacher: nn.Module, temperature: float = 4.0, weight: float = 0.9) -> None:
+    def __init__(
+        self, name: str, teacher: nn.Module, temperature: float = 4.0, weight: float = 0.9,
+        hard_loss: Callable[[Tensor, Tensor], Tensor] | None = None,
+    ) -> None:  # fmt: skip
         if DISTILLERS.get(name) is None:
             raise ValueError("distill=none has no teacher: build no Distiller")
         if not 0.0 <= weight <= 1.0:
@@ -68,13 +74,13 @@ class Distiller:
         if not (temperature > 0 and math.isfinite(temperature)):
             raise ValueError(f"distill.temperature must be positive, got {temperature}")
         self.name, self.teacher = name, teacher.eval().requires_grad_(False)
-        self.temperature, self.weight = float(temperature), float(weight)
+        self.temperature, self.weight, self.hard_loss = float(temperature), float(weight), hard_loss
 
     def __call__(self, logits: Tensor, target: Tensor, images: Tensor) -> Tensor:
         with torch.no_grad():
             teacher = self.teacher(images).float()
         if self.name == "kd":
-            return kd_loss(logits, teacher, target, self.temperature, self.weight)
+            return kd_loss(logits, teacher, target, self.temperature, self.weight, self.hard_loss)
         return distribution_loss(logits, teacher)
 
 

@@ -113,7 +113,7 @@ def train_one_epoch(
     max_steps: int | None = None,
     health: BinarizationHealth | None = None,
     histogram: Callable[[str, torch.Tensor], Any] | None = None,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    loss_fn: Callable[..., torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train for one epoch (or until ``max_steps`` batches are done, or a ``preemption`` signal).
 

@@ -29,7 +29,7 @@ __all__ = ["Callback", "Trainer", "TrainerOptions"]
 
 log = logging.getLogger("xnorpp")
 
-LossFn = Callable[[Tensor, Tensor], Tensor]
+LossFn = Callable[..., Tensor]  # loss(logits, target); loss(logits, target, images) with takes_inputs = True
 
 
 @dataclass(frozen=True)

@@ -33,16 +33,17 @@ def binarize_policy(
 
 
 def create_binarized(model_args: Mapping[str, Any]) -> nn.Module:
-    """``timm.create_model(name, num_classes, in_chans)`` binarized as ``model_args`` say: ``binarization``,
-    ``scale``, ``estimator``, ``input_size``, the policy options ``binarize`` and, if present,
-    ``centre_weights``."""
+    """``timm.create_model(name, num_classes, in_chans, **kwargs)`` binarized as ``model_args`` say:
+    ``binarization``, ``scale``, ``estimator``, ``input_size``, the policy options ``binarize`` and, if
+    present, ``centre_weights`` (``kwargs``: the model's own arguments, ``model.kwargs``)."""
     args = dict(model_args)
     options = dict(args.get("binarize") or {})
     if "centre_weights" in args:
         options["centre_weights"] = bool(args["centre_weights"])
     policy = binarize_policy(str(args["binarization"]), str(args["scale"]), str(args.get("estimator", "ste")),
                              **options)  # fmt: skip
+    extra = dict(args.get("kwargs") or {})
     model = timm.create_model(
-        str(args["name"]), num_classes=int(args["num_classes"]), in_chans=int(args["in_chans"])
+        str(args["name"]), num_classes=int(args["num_classes"]), in_chans=int(args["in_chans"]), **extra
     )
     return binarize(model, policy, input_size=args["input_size"], in_chans=int(args["in_chans"]))

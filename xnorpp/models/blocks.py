@@ -3,7 +3,7 @@
 All blocks take the same arguments and keep the same skeleton around them (stem, four stages, the
 avg-pool + 1x1 conv + BN downsample shortcut, head), so methods differ only where their papers do:
 
-- ``preact``: the original XNOR-Net++ project's pre-activation block (REFERENCE layout in
+- ``preact``: the original XNOR-Net++ project's pre-activation block (see
   :mod:`xnorpp.models.resnet_preact`): ``BN -> binconv -> ReLU -> BN -> binconv -> BN``, one shortcut
   around the pair.
 - ``bireal``: Bi-Real Net (Liu et al., ECCV 2018, arXiv 1808.00278): a real-valued shortcut around
