@@ -6,6 +6,7 @@ import json
 import math
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -40,6 +41,7 @@ def test_bench_main_in_process_writes_json_with_expected_keys(tmp_path: Path, ca
     assert result["configs"]["xnorpp"]["saved_mb"] < result["configs"]["naive"]["saved_mb"]
 
 
+@pytest.mark.slow  # in `pytest -m slow`: keeps the default run under 10 minutes
 def test_run_isolated_measures_peaks_in_a_fresh_process() -> None:
     res = run_isolated(
         {

@@ -81,6 +81,7 @@ def test_metrics_match_one_process_at_the_same_global_batch(runs: dict[str, Path
     assert a["train/loss"] == pytest.approx(b["train/loss"], rel=0.02)  # 2%: BatchNorm sees 8, not 16 images
 
 
+@pytest.mark.slow  # in `pytest -m slow`: keeps the default run under 10 minutes
 def test_ddp_evaluation_is_exact(runs: dict[str, Path], tmp_path: Path) -> None:
     """25 validation images over 2 ranks (13 + 12, no padding): the same counts as one process."""
     ckpt = runs["one"] / "checkpoints" / "last.pt"

@@ -90,6 +90,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow  # in `pytest -m slow`: keeps the default run under 10 minutes
 def test_sigkill_then_rerun_resumes_exactly(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "killed"
     proc = _start(run_dir)
@@ -103,6 +104,7 @@ def test_sigkill_then_rerun_resumes_exactly(reference: Path, tmp_path: Path) -> 
     _assert_identical(reference, run_dir)
 
 
+@pytest.mark.slow  # in `pytest -m slow`: keeps the default run under 10 minutes
 def test_sigterm_checkpoints_after_the_step_and_asks_for_requeue(reference: Path, tmp_path: Path) -> None:
     run_dir = tmp_path / "preempted"
     proc = _start(run_dir)

@@ -110,6 +110,7 @@ def test_other_choices_train(make_cfg, opt: str) -> None:
     assert results["global_step"] == 2
 
 
+@pytest.mark.slow  # in `pytest -m slow`: keeps the default run under 10 minutes
 def test_overfit_debug_preset_fits_one_batch(make_cfg) -> None:
     results = train(make_cfg("debug=overfit", "binarization=fp", "trainer.epochs=25", "optimizer=adam"))
     assert results["train/loss"] < 0.5, results["history"][-1]
