@@ -284,6 +284,7 @@ def test_cli_multirun_logs_one_wandb_group_per_configuration_and_reports(tmp_pat
     assert (sweep_dir / "report.png").stat().st_size > 1000
 
 
+@pytest.mark.slow  # a failed job in a report is covered by test_dashboard; joblib by the image-folder job test
 def test_joblib_runs_two_jobs_and_a_broken_one_is_reported(tmp_path: Path) -> None:
     """A preset (no -m: it sets MULTIRUN) on the joblib launcher, two jobs side by side; one is broken:
     data.image_size=2 is too small for the rank1 scale and fails before training."""
