@@ -69,9 +69,11 @@ def _picture(size: int = 32, seed: int = 0) -> Image.Image:
     return Image.fromarray(rng.integers(1, 255, (size, size, 3), dtype=np.uint8))
 
 
-def _offsets(out: torch.Tensor, base: torch.Tensor, pad: int) -> set[tuple[int, int, bool]]:
-    """Every (dy, dx, flipped) that turns ``base`` (zero-padded by ``pad``) into ``out``."""
-    padded = torch.nn.functional.pad(base, (pad, pad, pad, pad))
+def _offsets(
+    out: torch.Tensor, base: torch.Tensor, pad: int, mode: str = "constant"
+) -> set[tuple[int, int, bool]]:
+    """Every (dy, dx, flipped) that turns ``base`` (padded by ``pad``: zeros, or reflected) into ``out``."""
+    padded = torch.nn.functional.pad(base, (pad, pad, pad, pad), mode=mode)
     h, w = base.shape[-2:]
     found = set()
     for t in range(2 * pad + 1):
@@ -83,14 +85,17 @@ def _offsets(out: torch.Tensor, base: torch.Tensor, pad: int) -> set[tuple[int, 
     return found
 
 
-@pytest.mark.parametrize(("policy", "hflip", "pad", "flips"),
-                         [("small", True, 4, True), ("small", False, 4, False), ("translate", True, 2, False)])  # fmt: skip
+@pytest.mark.parametrize(("policy", "hflip", "pad", "flips", "pad_mode"),
+                         [("small", True, 4, True, None), ("small", False, 4, False, "constant"),
+                          ("translate", True, 2, False, None)])  # fmt: skip
 def test_small_and_translate_shift_within_their_range_and_flip_as_configured(
-    policy: str, hflip: bool, pad: int, flips: bool
+    policy: str, hflip: bool, pad: int, flips: bool, pad_mode: str | None
 ) -> None:
+    """Image files are padded by reflection unless ``data.pad_mode`` says otherwise (``constant``: black)."""
     identity = {"mean": (0.0,) * 3, "std": (1.0,) * 3}  # outputs stay in [0, 1]: comparable to the input
+    options = {"pad_mode": pad_mode} if pad_mode else {}
     train_tf, val_tf, name = build_transforms(
-        policy, dataset="t", default="auto", image_size=32, input="pil", hflip=hflip, **identity
+        policy, dataset="t", default="auto", image_size=32, input="pil", hflip=hflip, **identity, **options
     )
     assert name == policy
     picture = _picture()
@@ -99,7 +104,7 @@ def test_small_and_translate_shift_within_their_range_and_flip_as_configured(
     torch.manual_seed(0)
     seen = set()
     for _ in range(400):
-        (offset,) = _offsets(train_tf(picture), base, pad)  # a shift (and flip) of the image, nothing else
+        (offset,) = _offsets(train_tf(picture), base, pad, "reflect" if pad_mode is None else pad_mode)
         seen.add(offset)
     assert {max(abs(dy), abs(dx)) for dy, dx, _ in seen} == set(range(pad + 1))  # the whole range is used
     assert any(f for _, _, f in seen) is flips and any(not f for _, _, f in seen)
@@ -234,3 +239,12 @@ def test_training_on_small_pngs_does_not_depend_on_the_number_of_workers(make_cf
     assert [h["val/loss"] for h in runs[0]["history"]] == [h["val/loss"] for h in runs[2]["history"]]
     saved = json.loads((tmp_path / "w2" / "results.json").read_text())
     assert saved["global_step"] == 2 * 4  # 27 train images, batches of 6
+
+
+def test_pad_mode_is_checked_and_applies_to_image_files_only() -> None:
+    with pytest.raises(ValueError, match=r"data\.pad_mode='mirror': valid choices are reflect, edge"):
+        build_transforms("small", dataset="t", default="auto", image_size=32, input="pil", mean=(0.5,) * 3,
+                         std=(0.5,) * 3, pad_mode="mirror")  # fmt: skip
+    with pytest.raises(ValueError, match="in-memory data pads with black"):
+        build_datasets("mnist5k", augment="small", pad_mode="reflect")
+    build_datasets("mnist5k", augment="small", pad_mode="constant")  # black, as without the key
