@@ -34,8 +34,6 @@ import math
 import os
 import platform
 import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +44,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from ..nn.native import cache_dir, compiler_hint
+from ..nn.native import build_library, cache_dir, compiler_hint
 from .folder import ImageLoadError
 
 __all__ = [
@@ -80,23 +78,11 @@ def _library_path(compiler: str) -> Path:
 
 
 def _build(compiler: str, target: Path) -> None:
-    """Compile :data:`SOURCE` to ``target`` (a temporary name renamed: processes building at once never
-    load a partial file)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [compiler, "-O2", "-fPIC", "-shared", str(SOURCE), "-o", tmp, "-ljpeg"]
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-        if proc.returncode != 0:
-            first = (proc.stderr.strip().splitlines() or ["no output"])[0]
-            hint = " (libjpeg's headers: apt-get install libjpeg-dev)" if "jpeglib.h" in proc.stderr else ""
-            raise RuntimeError(f"{compiler} failed: {first}{hint}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """Compile :data:`SOURCE` to ``target`` (:func:`~xnorpp.nn.native.build_library`)."""
+    build_library(
+        lambda out: [compiler, "-O2", "-fPIC", "-shared", str(SOURCE), "-o", out, "-ljpeg"], target,
+        hint=lambda err: " (libjpeg's headers: apt-get install libjpeg-dev)" if "jpeglib.h" in err else "",
+    )  # fmt: skip
 
 
 def _load() -> ctypes.CDLL:

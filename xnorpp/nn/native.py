@@ -35,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -146,23 +147,31 @@ def library_path(compiler: str) -> Path:
     return cache_dir() / f"binary_kernels-{key.hexdigest()[:16]}.so"
 
 
-def _build(compiler: str, target: Path) -> None:
-    """Compile :data:`SOURCE` to ``target`` (written under a temporary name, then renamed: atomic)."""
+def build_library(
+    command: Callable[[str], list[str]], target: Path, hint: Callable[[str], str] | None = None
+) -> None:
+    """Run the compiler ``command(output_path)`` to build the shared library ``target``: written under a
+    temporary name, then renamed (processes building at once never load a partial file). A failure
+    raises ``RuntimeError`` with the compiler's first line of errors and ``hint(stderr)``."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        proc = subprocess.run(
-            [compiler, *compiler_flags(), str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300
-        )
+        cmd = command(tmp)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             first = (proc.stderr.strip().splitlines() or ["no output"])[0]
-            raise RuntimeError(f"{compiler} failed ({first})")
+            raise RuntimeError(f"{cmd[0]} failed ({first}){hint(proc.stderr) if hint else ''}")
         os.chmod(tmp, 0o755)  # mkstemp made it private: a shared cache serves every user
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _build(compiler: str, target: Path) -> None:
+    """Compile :data:`SOURCE` to ``target`` (:func:`build_library`)."""
+    build_library(lambda out: [compiler, *compiler_flags(), str(SOURCE), "-o", out], target)
 
 
 def _load() -> ctypes.CDLL:
